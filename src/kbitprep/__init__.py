@@ -1,0 +1,61 @@
+"""kbitprep: prepare a quantized model for k-bit adapter training (QLoRA and friends).
+
+A drop-in for ``peft.prepare_model_for_kbit_training`` built as one strategy per quantization
+method, with a plan you can read before anything changes and a report you can undo.
+"""
+
+from __future__ import annotations
+
+from kbitprep._errors import (
+    BackendUnavailableError,
+    DuplicateBackendError,
+    InvalidArgumentError,
+    InvalidModelError,
+    KbitPrepError,
+    KbitPrepWarning,
+    NotTrainableError,
+    UnknownBackendError,
+)
+from kbitprep._prepare import (
+    CastItem,
+    PreparationPlan,
+    PreparationReport,
+    plan,
+    prepare,
+    prepare_model_for_kbit_training,
+)
+from kbitprep._registry import (
+    BackendInfo,
+    Detection,
+    available_backends,
+    detect_backend,
+    get_backend,
+    register_backend,
+)
+from kbitprep.backends.base import QuantBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo",
+    "BackendUnavailableError",
+    "CastItem",
+    "Detection",
+    "DuplicateBackendError",
+    "InvalidArgumentError",
+    "InvalidModelError",
+    "KbitPrepError",
+    "KbitPrepWarning",
+    "NotTrainableError",
+    "PreparationPlan",
+    "PreparationReport",
+    "QuantBackend",
+    "UnknownBackendError",
+    "available_backends",
+    "detect_backend",
+    "get_backend",
+    "plan",
+    "prepare",
+    "prepare_model_for_kbit_training",
+    "register_backend",
+]

@@ -1,0 +1,185 @@
+"""Gradient (activation) checkpointing: ``use_reentrant`` resolution, transformers 4/5 method
+names, and the input-require-grads hook for reentrant checkpointing.
+
+transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+(the old name warns ``FutureWarning``); transformers 4.57 has only the old name. Every call here
+uses the name that exists without a deprecation warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from kbitprep._errors import InvalidArgumentError
+
+__all__ = [
+    "CHECKPOINT_KWARGS",
+    "HasInputEmbeddings",
+    "add_input_grad_hook",
+    "current_use_reentrant",
+    "disable",
+    "enable",
+    "entry_modules",
+    "has_input_grad_hook",
+    "is_enabled",
+    "resolve_kwargs",
+    "supports",
+]
+
+logger = logging.getLogger(__name__)
+
+# keyword arguments torch.utils.checkpoint.checkpoint accepts (torch 2.4 - 2.13)
+CHECKPOINT_KWARGS = frozenset(
+    {"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop"}
+)
+
+# names transformers (enable_input_require_grads) and peft (prepare_model_for_kbit_training)
+# give their input-grad hooks; a module carrying one of these needs no second one
+_FOREIGN_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
+class HasInputEmbeddings(Protocol):
+    """What the hook code calls on a transformers 4.x/5.x ``PreTrainedModel``."""
+
+    def get_input_embeddings(self) -> nn.Module: ...
+
+
+def resolve_kwargs(kwargs: object) -> dict[str, Any]:
+    """Validate ``gradient_checkpointing_kwargs`` and make ``use_reentrant`` explicit.
+
+    Returns:
+        A new dict with ``use_reentrant`` always present: the caller's value, else ``False``
+        (torch 2.4+ warns when it is left implicit, and peft 0.21 passing ``{}`` falls back to
+        reentrant).
+
+    Raises:
+        InvalidArgumentError: Not a mapping, an unknown key, or ``use_reentrant`` not a bool.
+    """
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise InvalidArgumentError(
+            f"gradient_checkpointing_kwargs must be a dict such as {{'use_reentrant': False}}; got "
+            f"{type(kwargs).__name__} {kwargs!r}."
+        )
+    unknown = sorted(str(k) for k in kwargs if k not in CHECKPOINT_KWARGS)
+    if unknown:
+        raise InvalidArgumentError(
+            f"gradient_checkpointing_kwargs has unknown key(s) {unknown}; "
+            f"torch.utils.checkpoint.checkpoint accepts {sorted(CHECKPOINT_KWARGS)}. Remove or rename them."
+        )
+    out = dict(kwargs)
+    reentrant = out.get("use_reentrant", False)
+    if not isinstance(reentrant, bool):
+        raise InvalidArgumentError(
+            f"gradient_checkpointing_kwargs['use_reentrant'] must be True or False; got {reentrant!r}."
+        )
+    out["use_reentrant"] = reentrant
+    return out
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``model`` has a checkpointing switch kbitprep knows how to turn on."""
+    if not (hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")):
+        return False
+    return getattr(model, "supports_gradient_checkpointing", True) is not False
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Whether checkpointing is on, read from the modules' ``gradient_checkpointing`` flags
+    (no deprecated property is touched)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def current_use_reentrant(model: nn.Module) -> bool | None:
+    """The ``use_reentrant`` the model's checkpointing currently uses, or None when off.
+
+    transformers stores ``functools.partial(checkpoint, **kwargs)`` as
+    ``_gradient_checkpointing_func`` on each checkpointed module; when the keyword is absent,
+    torch's historical default (reentrant) applies.
+    """
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(func, functools.partial):
+                value = func.keywords.get("use_reentrant")
+                return True if value is None else bool(value)
+            return True
+    return None
+
+
+def enable(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Turn checkpointing on with ``kwargs`` (``use_reentrant`` explicit)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable(model: nn.Module) -> None:
+    """Turn checkpointing off (transformers 5 name first)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+
+
+def _safe_input_embeddings(module: nn.Module) -> nn.Module | None:
+    getter = getattr(type(module), "get_input_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        found = module.get_input_embeddings()  # type: ignore[operator]
+    except Exception:  # custom-code models raise NotImplementedError and worse (C10)
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def entry_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs feed checkpointed blocks: each sub-model's input embeddings.
+
+    Every submodule that exposes ``get_input_embeddings`` (a vision tower, an audio tower, the
+    text model) contributes its own (C09). When none answers (missing, raising or returning
+    None, C10), the first ``nn.Embedding`` is used; an empty list means there is none.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for _name, module in model.named_modules():
+        emb = _safe_input_embeddings(module)
+        if emb is not None and id(emb) in names and id(emb) not in found:
+            found[id(emb)] = (names[id(emb)], emb)
+    if not found:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Embedding):
+                return [(name, module)]
+        return []
+    return list(found.values())
+
+
+def _make_output_require_grad(module: nn.Module, args: Any, output: Any) -> None:
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+_make_output_require_grad._kbitprep_hook = "input_grad"  # type: ignore[attr-defined]
+
+
+def has_input_grad_hook(module: nn.Module) -> bool:
+    """Whether ``module`` already carries an input-grad hook (ours, transformers' or peft's)."""
+    for hook in module._forward_hooks.values():
+        if getattr(hook, "_kbitprep_hook", None) == "input_grad":
+            return True
+        if getattr(hook, "__name__", "") in _FOREIGN_HOOK_NAMES:
+            return True
+    return False
+
+
+def add_input_grad_hook(module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Register the hook that makes ``module``'s floating output require grad."""
+    return module.register_forward_hook(_make_output_require_grad)

@@ -1,0 +1,349 @@
+"""Backend registry: built-ins held as lazy dotted paths, plugins read from entry points once.
+
+Built-ins are imported on first lookup (their modules import only torch); plugins from the
+``kbitprep.backends`` entry-point group are read once, on the first lookup, never at import.
+A plugin that fails to load is recorded as ``broken: <reason>`` and never stops another backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from types import MappingProxyType
+from typing import Any, TypeVar, overload
+
+from torch import nn
+
+from kbitprep._errors import (
+    BackendUnavailableError,
+    DuplicateBackendError,
+    InvalidArgumentError,
+    UnknownBackendError,
+)
+from kbitprep.backends.base import QuantBackend
+
+__all__ = [
+    "BackendInfo",
+    "Detection",
+    "available_backends",
+    "detect_backend",
+    "get_backend",
+    "register_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "kbitprep.backends"
+
+# name -> (dotted path, library module checked with find_spec or None, pip install hint); sorted
+_BUILTINS: dict[str, tuple[str, str | None, str]] = {
+    "aqlm": ("kbitprep.backends.aqlm:AqlmBackend", "aqlm", "pip install 'kbitprep[aqlm]'"),
+    "bitsandbytes": (
+        "kbitprep.backends.bitsandbytes:BitsAndBytesBackend",
+        "bitsandbytes",
+        "pip install 'kbitprep[bnb]'",
+    ),
+    "eetq": ("kbitprep.backends.eetq:EetqBackend", "transformers", "pip install 'kbitprep[eetq]'"),
+    "generic": ("kbitprep.backends.generic:GenericBackend", None, ""),
+    "gptq": ("kbitprep.backends.gptq:GptqBackend", "gptqmodel", "pip install 'kbitprep[gptq]'"),
+    "hqq": ("kbitprep.backends.hqq:HqqBackend", "hqq", "pip install 'kbitprep[hqq]'"),
+    "none": ("kbitprep.backends.none:NoQuantBackend", None, ""),
+    "torchao": ("kbitprep.backends.torchao:TorchAoBackend", "torchao", "pip install 'kbitprep[torchao]'"),
+}
+
+_B = TypeVar("_B", bound=type[QuantBackend])
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What :func:`available_backends` reports for one backend.
+
+    Attributes:
+        name: Registry name.
+        source: ``"builtin"``, a plugin's distribution name, or ``"runtime"``.
+        status: ``"ok"``, ``"missing dependency: pip install …"`` or ``"broken: <reason>"``.
+        priority: The backend class's priority (0 when the class could not be loaded).
+    """
+
+    name: str
+    source: str
+    status: str
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """Result of :func:`detect_backend`.
+
+    Attributes:
+        backend: Registry name of the backend that claimed the model; ``"none"`` when the model
+            is not quantized.
+        reason: Which evidence decided, e.g. ``"model.is_loaded_in_4bit is True"``.
+        others: ``(name, reason)`` of lower-ranked backends that also claimed the model.
+    """
+
+    backend: str
+    reason: str
+    others: tuple[tuple[str, str], ...] = ()
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.classes: dict[str, type[QuantBackend]] = {}
+        self.sources: dict[str, str] = {}
+        self.broken: dict[str, tuple[str, str]] = {}  # key -> (source, reason)
+        self.instances: dict[str, QuantBackend] = {}
+        self.plugins_loaded = False
+
+    def load_builtin(self, name: str) -> type[QuantBackend]:
+        cls = self.classes.get(name)
+        if cls is not None:
+            return cls
+        path, _lib, _hint = _BUILTINS[name]
+        module_name, _, attr = path.partition(":")
+        loaded: Any = getattr(importlib.import_module(module_name), attr)
+        self.classes[name] = loaded
+        self.sources[name] = "builtin"
+        return loaded  # type: ignore[no-any-return]
+
+    def load_plugins(self) -> None:
+        if self.plugins_loaded:
+            return
+        self.plugins_loaded = True
+        if os.environ.get("KBITPREP_DISABLE_PLUGINS") == "1":
+            logger.debug("KBITPREP_DISABLE_PLUGINS=1: backend plugins skipped")
+            return
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            source = ep.dist.name if ep.dist is not None else ep.value
+            try:
+                cls = ep.load()
+                _check_class(cls)
+                if cls.name in _BUILTINS or cls.name in self.classes:
+                    owner = "builtin" if cls.name in _BUILTINS else self.sources.get(cls.name, "?")
+                    raise DuplicateBackendError(
+                        f"backend name {cls.name!r} is already provided by {owner}; a plugin may not "
+                        "shadow it. Rename the plugin's backend."
+                    )
+                self.classes[cls.name] = cls
+                self.sources[cls.name] = source
+            except Exception as exc:  # one bad plugin never hides the others
+                key = ep.name if ep.name not in self.broken and ep.name not in self.classes else f"{ep.name} [{source}]"
+                self.broken[key] = (source, f"{type(exc).__name__}: {exc}")
+                logger.error(
+                    "Could not load kbitprep backend plugin %r from %s: %s",
+                    ep.name,
+                    source,
+                    exc,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+
+    def names(self) -> list[str]:
+        self.load_plugins()
+        return sorted(set(_BUILTINS) | set(self.classes))
+
+    def get_class(self, name: str) -> type[QuantBackend]:
+        self.load_plugins()
+        if name in self.classes:
+            return self.classes[name]
+        if name in _BUILTINS:
+            return self.load_builtin(name)
+        known = ", ".join(repr(n) for n in self.names())
+        extra = f" (broken plugin: {self.broken[name][1]})" if name in self.broken else ""
+        raise UnknownBackendError(
+            f"No kbitprep backend is named {name!r}{extra}. Known backends: {known}. Pass one of "
+            "those, or backend='auto' to detect it from the model."
+        )
+
+
+_registry = _Registry()
+
+
+def _check_class(cls: object) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, QuantBackend)):
+        raise InvalidArgumentError(
+            f"A backend must be a subclass of kbitprep.QuantBackend; got {cls!r}. "
+            "Subclass QuantBackend and set a `name`."
+        )
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise InvalidArgumentError(
+            f"Backend class {cls.__qualname__} has no `name`; set the class attribute `name = \"...\"`."
+        )
+
+
+@overload
+def register_backend(cls: _B, *, replace: bool = False) -> _B: ...
+@overload
+def register_backend(cls: None = None, *, replace: bool = False) -> Callable[[_B], _B]: ...
+def register_backend(cls: _B | None = None, *, replace: bool = False) -> _B | Callable[[_B], _B]:
+    """Register a :class:`QuantBackend` subclass at runtime; also usable as a class decorator.
+
+    Args:
+        cls: The backend class. Omit it to get a decorator (``@register_backend(replace=True)``).
+        replace: Allow replacing a backend already registered under the same name
+            (built-in, plugin or runtime). Default False.
+
+    Returns:
+        ``cls`` unchanged, so the decorator form keeps the class.
+
+    Raises:
+        InvalidArgumentError: ``cls`` is not a ``QuantBackend`` subclass with a ``name``.
+        DuplicateBackendError: The name is taken and ``replace`` is False.
+    """
+
+    def decorate(klass: _B) -> _B:
+        _check_class(klass)
+        _registry.load_plugins()
+        name = klass.name
+        taken = name in _BUILTINS or name in _registry.classes
+        if taken and not replace:
+            owner = _registry.sources.get(name, "builtin")
+            raise DuplicateBackendError(
+                f"A backend named {name!r} is already registered ({owner}). Pass replace=True to "
+                "replace it, or give your backend another name."
+            )
+        _registry.classes[name] = klass
+        _registry.sources[name] = "runtime"
+        _registry.instances.pop(name, None)
+        return klass
+
+    if cls is None:
+        return decorate
+    return decorate(cls)
+
+
+def _missing_dependency(name: str) -> str | None:
+    """The pip hint when a built-in backend's library is not installed, else None."""
+    if name not in _BUILTINS or _registry.sources.get(name, "builtin") != "builtin":
+        return None
+    _path, lib, hint = _BUILTINS[name]
+    if lib is None:
+        return None
+    try:
+        found = importlib.util.find_spec(lib) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else hint
+
+
+def get_backend(name: str) -> QuantBackend:
+    """The backend instance registered as ``name`` (one instance per name).
+
+    Raises:
+        UnknownBackendError: No backend has that name; the message lists the known names.
+        BackendUnavailableError: The backend's library is not installed; ``install_hint``
+            holds the pip command.
+    """
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"backend must be a str such as 'auto' or 'bitsandbytes'; got {name!r}.")
+    cls = _registry.get_class(name)
+    hint = _missing_dependency(name)
+    if hint is not None:
+        lib = _BUILTINS[name][1]
+        raise BackendUnavailableError(
+            f"The {name!r} backend needs the {lib!r} library, which is not installed. "
+            f"Install it with `{hint}`.",
+            install_hint=hint,
+        )
+    instance = _registry.instances.get(name)
+    if instance is None:
+        instance = cls()
+        _registry.instances[name] = instance
+    return instance
+
+
+def available_backends() -> Mapping[str, BackendInfo]:
+    """Every backend with its source, status and priority (a read-only mapping, sorted by name).
+
+    Status is ``"ok"``, ``"missing dependency: <pip command>"`` when the backend's library is
+    not installed (checked with ``importlib.util.find_spec``, nothing is imported), or
+    ``"broken: <reason>"`` for a plugin or class that failed to load.
+    """
+    out: dict[str, BackendInfo] = {}
+    for name in _registry.names():
+        source = _registry.sources.get(name, "builtin")
+        try:
+            cls = _registry.get_class(name)
+        except Exception as exc:
+            out[name] = BackendInfo(name, source, f"broken: {type(exc).__name__}: {exc}", 0)
+            continue
+        hint = _missing_dependency(name)
+        status = f"missing dependency: {hint}" if hint else "ok"
+        out[name] = BackendInfo(name, _registry.sources.get(name, source), status, int(cls.priority))
+    for key, (source, reason) in _registry.broken.items():
+        out.setdefault(key, BackendInfo(key, source, f"broken: {reason}", 0))
+    return MappingProxyType(dict(sorted(out.items())))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (looked through), else ``model``."""
+    import sys
+
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, getattr(peft, "PeftModel", ())):
+        return model.get_base_model()  # type: ignore[no-any-return]
+    return model
+
+
+def _claims(model: nn.Module) -> list[tuple[int, int, str, str]]:
+    """(priority, order, name, reason) of every backend whose ``detect`` claims ``model``."""
+    claims = []
+    for order, name in enumerate(_registry.names()):
+        try:
+            backend = _registry.get_class(name)()
+        except Exception:
+            continue
+        try:
+            reason = backend.detect(model)
+        except Exception as exc:
+            logger.warning("Backend %r failed while detecting: %s", name, exc)
+            continue
+        if reason:
+            # a plugin's claim ranks before a built-in's of equal priority
+            builtin = _registry.sources.get(name, "builtin") == "builtin"
+            claims.append((int(backend.priority), order if builtin else -1, name, reason))
+    claims.sort(key=lambda c: (-c[0], c[1]))
+    return claims
+
+
+def detect_backend(model: nn.Module) -> Detection:
+    """Find which backend quantized ``model``, strongest evidence first.
+
+    Each backend's :meth:`QuantBackend.detect` looks in tiers: the transformers quantizer and
+    ``config.quantization_config`` (object or dict), then the legacy attributes
+    (``is_loaded_in_4bit``, ``quantization_method``, ``hqq_quantized``, read with ``getattr``),
+    then the modules and parameter types themselves. A ``peft.PeftModel`` is looked through.
+    When several backends claim the model, the highest ``priority`` wins and the others are
+    listed in ``Detection.others``.
+
+    Returns:
+        The detection; ``backend == "none"`` for an unquantized model.
+
+    Raises:
+        InvalidModelError: ``model`` is not an ``nn.Module``.
+    """
+    from kbitprep._errors import InvalidModelError
+
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(
+            f"detect_backend expects a torch.nn.Module; got {type(model).__name__}. Pass the model "
+            "returned by from_pretrained (or a peft.PeftModel)."
+        )
+    base = unwrap_model(model)
+    claims = _claims(base)
+    if not claims:  # cannot happen while the "none" backend is registered
+        return Detection("none", "no backend claimed the model")
+    _prio, _order, name, reason = claims[0]
+    others = tuple((n, r) for _p, _o, n, r in claims[1:] if n not in ("generic", "none"))
+    return Detection(name, reason, others)
+
+
+@functools.cache
+def builtin_names() -> tuple[str, ...]:
+    """Names of the built-in backends, sorted."""
+    return tuple(_BUILTINS)

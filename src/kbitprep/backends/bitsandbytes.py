@@ -1,0 +1,130 @@
+"""bitsandbytes 4-bit (``Linear4bit`` / ``Params4bit``) and 8-bit (``Linear8bitLt`` / ``Int8Params``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kbitprep.backends.base import (
+    QuantBackend,
+    UndoFn,
+    count_reason,
+    detect_in_tiers,
+    is_wrapper_subclass,
+    loaded_module,
+    modules_of_type,
+)
+
+__all__ = ["BitsAndBytesBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+def _layer_classes() -> tuple[type, ...]:
+    bnb_nn = loaded_module("bitsandbytes.nn")
+    if bnb_nn is None:
+        return ()
+    return tuple(c for c in (getattr(bnb_nn, "Linear4bit", None), getattr(bnb_nn, "Linear8bitLt", None)) if c)
+
+
+def _storage_classes() -> tuple[type, ...]:
+    bnb_nn = loaded_module("bitsandbytes.nn")
+    if bnb_nn is None:
+        return ()
+    return tuple(c for c in (getattr(bnb_nn, "Params4bit", None), getattr(bnb_nn, "Int8Params", None)) if c)
+
+
+class BitsAndBytesBackend(QuantBackend):
+    """Strategy for bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8()) models.
+
+    Upcast policy (``upcast="auto"``) is peft 0.21's: every fp16/bf16 parameter that is not
+    quantized storage goes to ``upcast_dtype``. ``Params4bit`` and ``Int8Params`` are storage
+    whatever their dtype: a 4-bit weight stored as bf16 for FSDP (``bnb_4bit_quant_storage``)
+    holds packed bytes, not numbers (C06). The layers cast their inputs to the compute dtype
+    themselves, so no input casts are needed around them.
+    """
+
+    name: ClassVar[str] = "bitsandbytes"
+    priority: ClassVar[int] = 0
+    install_hint: ClassVar[str] = "pip install 'kbitprep[bnb]'"
+    quant_methods: ClassVar[frozenset[str]] = frozenset({"bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"})
+
+    def detect(self, model: nn.Module) -> str | None:
+        def layers(m: nn.Module) -> str | None:
+            found: dict[str, int] = {}
+            for _name, module in modules_of_type(m, _layer_classes()):
+                found[type(module).__name__] = found.get(type(module).__name__, 0) + 1
+            if found:
+                return ", ".join(count_reason(n, cls) for cls, n in sorted(found.items()))
+            return None
+
+        return detect_in_tiers(model, self.quant_methods, layers)
+
+    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        storage = _storage_classes()
+        if storage and isinstance(param, storage):
+            return True
+        if isinstance(module, _layer_classes()) and name.rsplit(".", 1)[-1] == "weight":
+            return True  # the packed weight, whatever class a wrapper gave it
+        return (not param.is_floating_point()) or is_wrapper_subclass(param)
+
+    def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        # peft 0.21 prepare_model_for_kbit_training: fp16/bf16 non-storage params go to fp32
+        return param.dtype in (torch.float16, torch.bfloat16)
+
+    def before_training(self, model: nn.Module) -> UndoFn | None:
+        """Undo and disable bitsandbytes' CPU inference repack of 4-bit weights (C13).
+
+        On a CPU with AVX512-BF16, one eval-mode no-grad forward of ``Linear4bit`` (bitsandbytes
+        0.50) converts its weight for good into a packed CPU layout whose matmul has no autograd
+        formula, so adapter gradients through the layer are silently lost. Here every such weight
+        is converted back to the standard layout (bytes as before the repack) and the layer's
+        ``support_avx512bf16_for_cpu`` flag is turned off so the repack cannot happen again.
+        ``undo`` restores the flags.
+        """
+        bnb_nn = loaded_module("bitsandbytes.nn")
+        linear4 = getattr(bnb_nn, "Linear4bit", None) if bnb_nn is not None else None
+        if linear4 is None:
+            return None
+        flags: list[tuple[nn.Module, Any]] = []
+        repacked = 0
+        for _name, module in modules_of_type(model, (linear4,)):
+            weight = getattr(module, "weight", None)
+            state = getattr(weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                assert weight is not None
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+                if getattr(module, "quant_state", None) is not None:
+                    module.quant_state = weight.quant_state
+                repacked += 1
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                flags.append((module, module.support_avx512bf16_for_cpu))
+                module.support_avx512bf16_for_cpu = False
+        if repacked:
+            logger.info("Restored %d 4-bit weights from bitsandbytes' CPU inference layout", repacked)
+
+        def undo() -> None:
+            for module, value in flags:
+                module.support_avx512bf16_for_cpu = value
+
+        return undo
+
+    def shardable(self, model: nn.Module) -> tuple[bool, str]:
+        dtypes = set()
+        for _name, module in modules_of_type(model, _layer_classes()):
+            weight = getattr(module, "weight", None)
+            if weight is not None:
+                dtypes.add(weight.dtype)
+        if not dtypes:
+            return False, "no bitsandbytes layers found"
+        if all(d.is_floating_point for d in dtypes):
+            return True, f"4-bit weights are stored as {', '.join(sorted(str(d) for d in dtypes))}"
+        return False, (
+            f"quantized weights are stored as {', '.join(sorted(str(d) for d in dtypes))}; FSDP can only "
+            "flatten them with float parameters when loaded with bnb_4bit_quant_storage=torch.bfloat16"
+        )

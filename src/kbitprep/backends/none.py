@@ -1,0 +1,38 @@
+"""The unquantized model: peft's behaviour, with its memory cost shown up front."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kbitprep.backends.base import QuantBackend
+
+__all__ = ["NoQuantBackend"]
+
+
+class NoQuantBackend(QuantBackend):
+    """Strategy for a model no quantization method touched.
+
+    As in peft 0.21: fp16/bf16 parameters are upcast (the plan and a warning state the bytes
+    added, C01), and gradient checkpointing is left as the model has it (PEFT documents that it
+    enables checkpointing only for quantized models, C11).
+    """
+
+    name: ClassVar[str] = "none"
+    priority: ClassVar[int] = -1000
+
+    def detect(self, model: nn.Module) -> str | None:
+        return "no quantizer, quantization attributes or quantized layers found"
+
+    def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        return param.dtype in (torch.float16, torch.bfloat16)  # peft 0.21 casts plain models too
+
+    def wants_gradient_checkpointing(self, model: nn.Module) -> bool:
+        from kbitprep._checkpointing import is_enabled
+
+        return is_enabled(model)
+
+    def check_trainable(self, model: nn.Module) -> None:
+        return None
