@@ -88,12 +88,6 @@ class PreparationPlan:
         input_grad_modules: Modules whose output is made to require grad.
         input_casts: ``(module name, dtype)`` of modules whose floating inputs are cast to their
             own dtype because the plan leaves the model in mixed dtypes.
-        output_casts: Modules among ``input_casts`` inside a repeated block (an element of an
-            ``nn.ModuleList``, e.g. a decoder layer) whose output is cast back to the dtype of the
-            input they were given, so every activation inside a block keeps the block's dtype and
-            functional ops that mix them (RoPE's cos/sin with q/k, SDPA's q/k/v) never see two
-            dtypes (C03). Modules outside blocks (final norm, ``lm_head``) return their own dtype,
-            so the output dtypes follow the plan (C04).
         use_cache_off: Whether ``config.use_cache`` is turned off (it is, while checkpointing).
     """
 
@@ -109,7 +103,6 @@ class PreparationPlan:
     warnings: tuple[str, ...]
     input_grad_modules: tuple[str, ...] = ()
     input_casts: tuple[tuple[str, str], ...] = ()
-    output_casts: tuple[str, ...] = ()
     use_cache_off: bool = False
     _options: Any = field(default=None, repr=False, compare=False)
 
@@ -516,8 +509,6 @@ def plan(
             dt2 = _module_dtype(module, final, storage_ids)
             if dt2 is not None and _takes_float_input(module):
                 input_casts.append((prefix + mname, str(dt2)))
-    in_blocks = _names_in_blocks(model)
-    output_casts = tuple(n for n, _d in input_casts if n in in_blocks)
 
     # checkpointing
     gc = opts.use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
@@ -565,7 +556,6 @@ def plan(
         warnings=tuple(found),
         input_grad_modules=tuple(prefix + n for n, _m in entries),
         input_casts=tuple(input_casts),
-        output_casts=output_casts,
         use_cache_off=gc and use_cache is True,
         _options=opts,
     )
@@ -578,17 +568,6 @@ def _prefix_of(model: nn.Module, base: nn.Module) -> str:
         if module is base:
             return name + "."
     return ""
-
-
-def _names_in_blocks(model: nn.Module) -> set[str]:
-    """Names of the modules inside a repeated block: below an element of an ``nn.ModuleList``."""
-    names: set[str] = set()
-    for lname, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for index, block in module.named_children():
-                head = f"{lname}.{index}" if lname else index
-                names.update(f"{head}.{n}" if n else head for n, _m in block.named_modules())
-    return names
 
 
 def _takes_float_input(module: nn.Module) -> bool:
@@ -605,19 +584,11 @@ class _InputCast:
 
     _kbitprep_hook = "input_cast"
 
-    def __init__(self, dtype: torch.dtype, restore_output: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.restore_output = restore_output
-        self._given: list[torch.dtype | None] = []  # one entry per forward in flight
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         dtype = self.dtype
-        if self.restore_output:
-            given = next(
-                (x.dtype for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.is_floating_point()),
-                None,
-            )
-            self._given.append(given)
 
         def cast(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
@@ -625,30 +596,6 @@ class _InputCast:
             return x
 
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-
-class _OutputCast:
-    """Forward hook paired with an :class:`_InputCast`: cast floating outputs back to the dtype
-    the module was given (modules inside repeated blocks, see ``PreparationPlan.output_casts``)."""
-
-    _kbitprep_hook = "output_cast"
-
-    def __init__(self, pre: _InputCast) -> None:
-        self.pre = pre
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        given = self.pre._given.pop() if self.pre._given else None
-        if given is None:
-            return output
-
-        def cast(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != given:
-                return x.to(given)
-            return x
-
-        if isinstance(output, tuple) and not hasattr(output, "_fields"):
-            return tuple(cast(o) for o in output)
-        return cast(output)
 
 
 def _has_input_cast(module: nn.Module) -> bool:
@@ -698,13 +645,8 @@ def _apply_input_casts(model: nn.Module, p: PreparationPlan, log: _UndoLog) -> N
         module = modules.get(mname)
         if module is None or _has_input_cast(module):
             continue
-        restore = mname in p.output_casts
-        pre = _InputCast(_dtype(dtype), restore_output=restore)
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        handle = module.register_forward_pre_hook(_InputCast(_dtype(dtype)), with_kwargs=True)
         log.add(handle.remove)
-        if restore:
-            out_handle = module.register_forward_hook(_OutputCast(pre), always_call=True)
-            log.add(out_handle.remove)
 
 
 def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
@@ -717,20 +659,50 @@ def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, 
     if not (was_on and ckpt.current_use_reentrant(base) == p.use_reentrant):
         before = list(getattr(base, "_require_grads_hooks", []) or [])
         before_ids = {id(h) for h in before}
-        had_single = hasattr(base, "_require_grads_hook")
+        # undo puts back exactly what enable changes: the per-module checkpointing attributes
+        # (also when checkpointing was already on with another use_reentrant) and transformers'
+        # handle bookkeeping
+        missing = object()
+        saved_attrs = [
+            (m, a, m.__dict__.get(a, missing))
+            for m in base.modules()
+            if hasattr(m, "gradient_checkpointing")
+            for a in ("gradient_checkpointing", "_gradient_checkpointing_func")
+        ]
+        saved_handles = {a: vars(base).get(a, missing) for a in ("_require_grads_hooks", "_require_grads_hook")}
+        hooked = {id(m._forward_hooks) for m in base.modules() if ckpt.has_input_grad_hook(m)}
         ckpt.enable(base, kwargs)
         added = [h for h in (getattr(base, "_require_grads_hooks", []) or []) if id(h) not in before_ids]
+        # transformers 5's activation_checkpointing_enable calls enable_input_require_grads itself;
+        # keep only what the plan reports: no input-grad hook for non-reentrant checkpointing, and
+        # never a second one on a module that already had one
+        extra = [h for h in added if not p.use_reentrant or id(h.hooks_dict_ref()) in hooked]
+        if extra:
+            for h in extra:
+                h.remove()
+            added = [h for h in added if h not in extra]
+            for attr, value in saved_handles.items():
+                if value is not missing:
+                    setattr(base, attr, value)
+                elif attr in vars(base):
+                    delattr(base, attr)
+            if added:
+                base._require_grads_hooks = before + added
+                base._require_grads_hook = (before + added)[0]
 
-        def restore(added: list[Any] = added, before: list[Any] = before, had_single: bool = had_single) -> None:
-            if was_on:
-                return
-            ckpt.disable(base)
+        def restore(added: list[Any] = added) -> None:
             for h in added:
                 h.remove()
-            if "_require_grads_hooks" in vars(base):
-                base._require_grads_hooks = before
-            if not had_single and "_require_grads_hook" in vars(base):
-                del base._require_grads_hook
+            for module, attr, value in saved_attrs:
+                if value is not missing:
+                    setattr(module, attr, value)
+                elif attr in module.__dict__:
+                    delattr(module, attr)
+            for attr, value in saved_handles.items():
+                if value is not missing:
+                    setattr(base, attr, value)
+                elif attr in vars(base):
+                    delattr(base, attr)
 
         log.add(restore)
     if p.use_cache_off:
