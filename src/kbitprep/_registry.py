@@ -133,7 +133,10 @@ class _Registry:
                 self.classes[cls.name] = cls
                 self.sources[cls.name] = source
             except Exception as exc:  # one bad plugin never hides the others
-                key = ep.name if ep.name not in self.broken and ep.name not in self.classes else f"{ep.name} [{source}]"
+                # a name already taken (built-in, loaded, broken) gets the source appended, so the
+                # broken entry is listed by available_backends and never hidden behind the other
+                taken = ep.name in _BUILTINS or ep.name in self.broken or ep.name in self.classes
+                key = f"{ep.name} [{source}]" if taken else ep.name
                 self.broken[key] = (source, f"{type(exc).__name__}: {exc}")
                 logger.error(
                     "Could not load kbitprep backend plugin %r from %s: %s",
