@@ -94,7 +94,7 @@ def standard_step(model: nn.Module, lr: float = 1e-3) -> tuple[float, dict[str, 
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     torch.optim.AdamW(trainable, lr=lr).step()
-    return float(out.loss), grads
+    return float(out.loss.detach()), grads
 
 
 def grad_counts(grads: dict[str, torch.Tensor | None]) -> tuple[int, int, int]:
