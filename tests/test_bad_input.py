@@ -1,0 +1,148 @@
+"""Bad input (issue 2 subset): each a KbitPrepError subclass whose message says what to do, and
+the model untouched (dtypes, requires_grad, hooks, checkpointing, use_cache)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kbitprep
+from _models import bnb4_config, load, saved_tiny, tiny_llama
+from kbitprep import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    InvalidModelError,
+    KbitPrepError,
+    NotTrainableError,
+    UnknownBackendError,
+)
+
+ENTRY_POINTS: dict[str, Callable[..., Any]] = {
+    "plan": kbitprep.plan,
+    "prepare": kbitprep.prepare,
+    "drop-in": kbitprep.prepare_model_for_kbit_training,
+}
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {
+        "params": {n: (p.dtype, p.requires_grad, p.device.type, p.data_ptr()) for n, p in model.named_parameters()},
+        "hooks": {
+            n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
+        "checkpointing": {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")},
+        "use_cache": getattr(config, "use_cache", None),
+        "attrs": sorted(vars(model)),
+    }
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("thing", ["meta-llama/Llama-3-8B", {"model.embed_tokens.weight": torch.zeros(2)}, None])
+def test_not_a_module(entry: str, thing: object) -> None:
+    with pytest.raises(InvalidModelError) as info:
+        ENTRY_POINTS[entry](thing)
+    assert isinstance(info.value, KbitPrepError) and isinstance(info.value, TypeError)
+    assert "nn.Module" in str(info.value) and "Pass the model object" in str(info.value)
+
+
+def test_detect_backend_not_a_module() -> None:
+    with pytest.raises(InvalidModelError, match="torch.nn.Module"):
+        kbitprep.detect_backend("a path")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("kwargs", [["use_reentrant", False], "use_reentrant=False", 0, True])
+def test_checkpointing_kwargs_not_a_mapping(entry: str, kwargs: object) -> None:
+    model = tiny_llama(torch.bfloat16)
+    before = _state(model)
+    with pytest.raises(InvalidArgumentError) as info:
+        ENTRY_POINTS[entry](model, True, kwargs)
+    assert isinstance(info.value, KbitPrepError) and isinstance(info.value, TypeError)
+    assert "gradient_checkpointing_kwargs must be a dict" in str(info.value)
+    assert "{'use_reentrant': False}" in str(info.value)  # shows the form to pass
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_meta_device_model(entry: str) -> None:
+    with torch.device("meta"):
+        model = tiny_llama(torch.bfloat16)
+    before = _state(model)
+    with pytest.raises(InvalidModelError) as info:
+        ENTRY_POINTS[entry](model)
+    message = str(info.value)
+    assert "meta device" in message and "Load the weights first" in message
+    assert _state(model) == before
+
+
+def test_partly_meta_model_is_refused_before_anything_changes() -> None:
+    """An offloaded-looking model: one parameter on meta, the rest real. Nothing may change."""
+    model = tiny_llama(torch.bfloat16)
+    model.lm_head.weight = nn.Parameter(torch.empty(1000, 64, dtype=torch.bfloat16, device="meta"))
+    before = _state(model)
+    with pytest.raises(InvalidModelError, match="'lm_head.weight'"):
+        kbitprep.prepare(model)
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_unknown_backend_name(entry: str) -> None:
+    model = tiny_llama(torch.bfloat16)
+    before = _state(model)
+    with pytest.raises(UnknownBackendError) as info:
+        ENTRY_POINTS[entry](model, backend="nope")
+    assert isinstance(info.value, LookupError)
+    message = str(info.value)
+    assert "'nope'" in message and "Known backends:" in message
+    for known in ("'bitsandbytes'", "'torchao'", "'none'"):
+        assert known in message
+    assert "backend='auto'" in message
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_backend_library_not_installed(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name.split(".")[0] == "torchao" else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    model = tiny_llama(torch.bfloat16)
+    before = _state(model)
+    with pytest.raises(BackendUnavailableError) as info:
+        ENTRY_POINTS[entry](model, backend="torchao")
+    assert isinstance(info.value, ImportError)
+    assert info.value.install_hint.startswith("pip install ")
+    assert f"`{info.value.install_hint}`" in str(info.value)
+    assert "not installed" in str(info.value)
+    assert _state(model) == before
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_quantizer_not_trainable(entry: str, model_root: str) -> None:
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    quantizer = model.hf_quantizer
+
+    class NotTrainableQuantizer(type(quantizer)):  # type: ignore[misc]
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    quantizer.__class__ = NotTrainableQuantizer
+    before = _state(model)
+    with pytest.raises(NotTrainableError) as info:
+        ENTRY_POINTS[entry](model)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, KbitPrepError)
+    message = str(info.value)
+    assert "is_trainable is False" in message and "NotTrainableQuantizer" in message
+    assert "Load the model with a quantization config that supports training" in message
+    assert _state(model) == before

@@ -1,0 +1,331 @@
+"""Backend registry: plugins through real entry points, runtime registration, priorities,
+unknown and unavailable backends, and detection in every tier (issue 2).
+
+The plugin tests need the two fixture distributions under tests/plugins installed (nox's
+``tests`` session does it; by hand: ``pip install --no-deps -e tests/plugins/goodplugin
+-e tests/plugins/brokenplugin``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+import kbitprep
+from _models import add_lora, bnb4_config, load, saved_tiny, tiny_llama
+from kbitprep import (
+    BackendUnavailableError,
+    DuplicateBackendError,
+    KbitPrepError,
+    QuantBackend,
+    UnknownBackendError,
+)
+from kbitprep import _registry
+
+GOOD_DIST = "kbitprep-goodplugin"
+BROKEN_DIST = "kbitprep-brokenplugin"
+
+
+def _require_dist(name: str) -> None:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{name} is not installed: pip install --no-deps -e tests/plugins/{name.split('-')[1]}")
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    """Runtime registrations made by a test are dropped afterwards (plugins stay loaded)."""
+    _registry._registry.load_plugins()
+    saved = (dict(_registry._registry.classes), dict(_registry._registry.sources), dict(_registry._registry.instances))
+    yield
+    for target, value in zip(
+        (_registry._registry.classes, _registry._registry.sources, _registry._registry.instances), saved, strict=True
+    ):
+        target.clear()
+        target.update(value)  # type: ignore[attr-defined]
+
+
+# -- plugins ----------------------------------------------------------------------------------
+
+
+def test_good_plugin_is_found_with_its_distribution_name() -> None:
+    _require_dist(GOOD_DIST)
+    info = kbitprep.available_backends()["goodquant"]
+    assert info.source == GOOD_DIST
+    assert info.status == "ok"
+    assert info.priority == 5
+    backend = kbitprep.get_backend("goodquant")
+    assert type(backend).__module__ == "kbitprep_goodplugin"
+
+
+def test_good_plugin_claims_a_model_it_recognises() -> None:
+    _require_dist(GOOD_DIST)
+    model = tiny_llama(torch.float32)
+    model.goodquant_marker = True
+    detection = kbitprep.detect_backend(model)
+    assert detection == kbitprep.Detection("goodquant", "model.goodquant_marker is True")
+    report = kbitprep.prepare(model)
+    assert report.backend == "goodquant"
+    assert report.casts == ()  # the base class default: nothing upcast
+    assert report.gradient_checkpointing and report.use_reentrant is False
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_good_plugin_outranks_the_generic_fallback_on_its_own_quant_method() -> None:
+    _require_dist(GOOD_DIST)
+    model = tiny_llama(torch.float32)
+    model.config.quantization_config = {"quant_method": "goodquant"}
+    detection = kbitprep.detect_backend(model)
+    assert detection.backend == "goodquant"
+    assert "goodquant" in detection.reason
+    p = kbitprep.plan(model)
+    assert p.backend == "goodquant"
+    assert not any("generic" in w for w in p.warnings)
+
+
+def test_broken_plugin_shows_broken_and_bnb_still_prepares(model_root: str) -> None:
+    _require_dist(BROKEN_DIST)
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
+    backends = kbitprep.available_backends()
+    broken = backends["brokenquant"]
+    assert broken.source == BROKEN_DIST
+    assert broken.status.startswith("broken: ")
+    assert "not_a_real_quant_lib" in broken.status
+    with pytest.raises(UnknownBackendError, match="broken plugin"):
+        kbitprep.get_backend("brokenquant")
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    report = kbitprep.prepare(model)
+    assert report.backend == "bitsandbytes"
+    assert len(report.casts) == 7
+
+
+def test_plugin_may_not_shadow_a_builtin_name() -> None:
+    """The broken distribution's second entry point, named 'bitsandbytes', reuses the built-in
+    name: it is listed as broken (not dropped silently) and the built-in keeps the name."""
+    _require_dist(BROKEN_DIST)
+    backends = kbitprep.available_backends()
+    shadow = [info for key, info in backends.items() if key != "bitsandbytes" and key.startswith("bitsandbytes")]
+    assert len(shadow) == 1, list(backends)
+    assert shadow[0].source == BROKEN_DIST
+    assert shadow[0].status.startswith("broken: ") and "bitsandbytes" in shadow[0].status
+    assert backends["bitsandbytes"].source == "builtin"
+    assert type(kbitprep.get_backend("bitsandbytes")).__module__ == "kbitprep.backends.bitsandbytes"
+
+
+def _backends_in_subprocess(env_extra: dict[str, str]) -> dict[str, str]:
+    code = "import json, kbitprep; print(json.dumps({k: v.source for k, v in kbitprep.available_backends().items()}))"
+    env = {k: v for k, v in os.environ.items() if k != "KBITPREP_DISABLE_PLUGINS"}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_disable_plugins_env_var_skips_entry_points() -> None:
+    _require_dist(GOOD_DIST)
+    _require_dist(BROKEN_DIST)
+    enabled = _backends_in_subprocess({})
+    assert enabled["goodquant"] == GOOD_DIST and "brokenquant" in enabled
+    disabled = _backends_in_subprocess({"KBITPREP_DISABLE_PLUGINS": "1"})
+    assert "goodquant" not in disabled and "brokenquant" not in disabled
+    assert set(disabled.values()) == {"builtin"}
+    assert {"bitsandbytes", "torchao", "none", "generic"} <= set(disabled)
+
+
+# -- runtime registration -------------------------------------------------------------------
+
+
+def _marker_backend(name: str, priority: int = 0) -> type[QuantBackend]:
+    class Marker(QuantBackend):
+        def detect(self, model: nn.Module) -> str | None:
+            return f"{name} sees model.test_marker" if getattr(model, "test_marker", False) else None
+
+    Marker.name = name  # type: ignore[misc]
+    Marker.priority = priority  # type: ignore[misc]
+    Marker.__qualname__ = f"Marker_{name}"
+    return Marker
+
+
+def test_register_duplicate_raises_unless_replace(clean_registry: None) -> None:
+    first = kbitprep.register_backend(_marker_backend("rt_dup"))
+    assert kbitprep.available_backends()["rt_dup"].source == "runtime"
+    with pytest.raises(DuplicateBackendError, match="replace=True") as info:
+        kbitprep.register_backend(_marker_backend("rt_dup"))
+    assert isinstance(info.value, KbitPrepError) and isinstance(info.value, ValueError)
+    assert type(kbitprep.get_backend("rt_dup")) is first
+    second = kbitprep.register_backend(_marker_backend("rt_dup"), replace=True)
+    assert type(kbitprep.get_backend("rt_dup")) is second
+    with pytest.raises(DuplicateBackendError):
+        kbitprep.register_backend(_marker_backend("bitsandbytes"))
+
+
+def test_register_backend_as_decorator(clean_registry: None) -> None:
+    @kbitprep.register_backend
+    class Plain(QuantBackend):
+        name: ClassVar[str] = "rt_deco"
+
+        def detect(self, model: nn.Module) -> str | None:
+            return None
+
+    @kbitprep.register_backend(replace=True)
+    class Replacing(QuantBackend):
+        name: ClassVar[str] = "rt_deco"
+
+        def detect(self, model: nn.Module) -> str | None:
+            return None
+
+    assert isinstance(Plain, type) and isinstance(Replacing, type)  # the decorator keeps the class
+    assert type(kbitprep.get_backend("rt_deco")) is Replacing
+    assert kbitprep.available_backends()["rt_deco"].source == "runtime"
+
+
+def test_priority_decides_between_two_claims_and_plan_names_the_loser(clean_registry: None) -> None:
+    kbitprep.register_backend(_marker_backend("rt_low", priority=1))
+    kbitprep.register_backend(_marker_backend("rt_high", priority=7))
+    model = tiny_llama(torch.float32)
+    model.test_marker = True
+    detection = kbitprep.detect_backend(model)
+    assert detection.backend == "rt_high"
+    assert detection.reason == "rt_high sees model.test_marker"
+    p = kbitprep.plan(model)
+    assert p.backend == "rt_high"
+    assert any("rt_low" in w for w in p.warnings), p.warnings
+    # the other order of registration gives the same answer
+    kbitprep.register_backend(_marker_backend("rt_low", priority=9), replace=True)
+    assert kbitprep.detect_backend(model).backend == "rt_low"
+    assert any("rt_high" in w for w in kbitprep.plan(model).warnings)
+
+
+def test_get_backend_unknown_name_lists_known_names() -> None:
+    with pytest.raises(UnknownBackendError) as info:
+        kbitprep.get_backend("nope")
+    assert isinstance(info.value, LookupError) and isinstance(info.value, KbitPrepError)
+    message = str(info.value)
+    for known in ("'bitsandbytes'", "'torchao'", "'none'", "'generic'"):
+        assert known in message
+    assert "'nope'" in message
+
+
+@pytest.fixture
+def torchao_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the registry see torchao as not installed (``find_spec`` returns None for it)."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        if name == "torchao" or name.startswith("torchao."):
+            return None
+        return real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_builtin_with_missing_library_is_reported_and_refused(torchao_missing: None) -> None:
+    info = kbitprep.available_backends()["torchao"]
+    assert info.source == "builtin"
+    assert info.status.startswith("missing dependency: pip install ")
+    assert "torchao" in info.status
+    with pytest.raises(BackendUnavailableError) as exc:
+        kbitprep.get_backend("torchao")
+    assert isinstance(exc.value, ImportError) and isinstance(exc.value, KbitPrepError)
+    assert exc.value.install_hint.startswith("pip install ") and "torchao" in exc.value.install_hint
+    assert exc.value.install_hint in str(exc.value)
+    # the others are unaffected
+    assert kbitprep.available_backends()["bitsandbytes"].status == "ok"
+
+
+# -- detection tiers ------------------------------------------------------------------------
+
+
+def _strip(model: nn.Module, *names: str) -> None:
+    for name in names:
+        if name.startswith("config."):
+            config = model.config
+            attr = name.removeprefix("config.")
+            if attr in vars(config):
+                delattr(config, attr)
+            assert getattr(config, attr, None) is None
+        elif name in vars(model):
+            delattr(model, name)
+
+
+def _bnb8() -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _torchao() -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+TIER_CASES: dict[str, tuple[str, Callable[[], Any], str, str, str]] = {
+    # label: (library, config, backend, legacy-attribute reason, layer reason)
+    "bnb4": ("bitsandbytes", bnb4_config, "bitsandbytes", "is_loaded_in_4bit", "14 Linear4bit"),
+    "bnb8": ("bitsandbytes", _bnb8, "bitsandbytes", "is_loaded_in_8bit", "14 Linear8bitLt"),
+    "torchao": ("torchao", _torchao, "torchao", "quantization_method", "torchao Int8Tensor"),
+}
+
+
+@pytest.mark.parametrize("label", list(TIER_CASES))
+def test_detection_in_each_tier(label: str, model_root: str) -> None:
+    lib, make_config, backend, legacy, layers = TIER_CASES[label]
+    pytest.importorskip(lib, reason=f"needs {lib} (pip install {lib})")
+    model = load(saved_tiny(model_root), quantization_config=make_config())
+
+    def detect() -> kbitprep.Detection:
+        d = kbitprep.detect_backend(model)
+        assert d.backend == backend, d
+        return d
+
+    assert "hf_quantizer" in detect().reason  # tier 1a: the transformers quantizer
+    _strip(model, "hf_quantizer")
+    assert "config.quantization_config.quant_method" in detect().reason  # 1b: config object
+    model.config.quantization_config = model.config.quantization_config.to_dict()
+    assert "config.quantization_config['quant_method']" in detect().reason  # 1c: config dict
+    _strip(model, "config.quantization_config")
+    reason = detect().reason  # tier 2: legacy attributes
+    assert "quantization_method" in reason
+    _strip(model, "quantization_method")
+    if legacy != "quantization_method":
+        assert legacy in detect().reason
+    _strip(model, "is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "config._is_quantized")
+    assert not any(hasattr(model, a) for a in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"))
+    assert layers in detect().reason  # tier 3: the layers themselves
+
+
+def test_torchao_quantize_directly_is_found_by_its_tensors() -> None:
+    pytest.importorskip("torchao", reason="needs torchao (pip install torchao)")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny_llama(torch.bfloat16)
+    quantize_(model, Int8WeightOnlyConfig())
+    detection = kbitprep.detect_backend(model)
+    assert detection.backend == "torchao"
+    assert "Int8Tensor" in detection.reason
+
+
+def test_unquantized_model_detects_none() -> None:
+    detection = kbitprep.detect_backend(tiny_llama(torch.bfloat16))
+    assert detection.backend == "none" and detection.reason
+
+
+def test_detection_looks_through_peft_model(model_root: str) -> None:
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    plain = kbitprep.detect_backend(model)
+    peft_model = add_lora(model)
+    assert kbitprep.detect_backend(peft_model) == plain
+    assert plain.backend == "bitsandbytes"
