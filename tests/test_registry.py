@@ -29,8 +29,8 @@ from kbitprep import (
     KbitPrepError,
     QuantBackend,
     UnknownBackendError,
+    _registry,
 )
-from kbitprep import _registry
 
 GOOD_DIST = "kbitprep-goodplugin"
 BROKEN_DIST = "kbitprep-brokenplugin"
