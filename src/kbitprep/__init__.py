@@ -6,6 +6,7 @@ method, with a plan you can read before anything changes and a report you can un
 
 from __future__ import annotations
 
+from kbitprep._distributed import cast_adapters
 from kbitprep._errors import (
     BackendUnavailableError,
     DuplicateBackendError,
@@ -13,6 +14,7 @@ from kbitprep._errors import (
     InvalidModelError,
     KbitPrepError,
     KbitPrepWarning,
+    NotShardableError,
     NotTrainableError,
     UnknownBackendError,
 )
@@ -46,12 +48,14 @@ __all__ = [
     "InvalidModelError",
     "KbitPrepError",
     "KbitPrepWarning",
+    "NotShardableError",
     "NotTrainableError",
     "PreparationPlan",
     "PreparationReport",
     "QuantBackend",
     "UnknownBackendError",
     "available_backends",
+    "cast_adapters",
     "detect_backend",
     "get_backend",
     "plan",

@@ -14,6 +14,7 @@ __all__ = [
     "InvalidModelError",
     "KbitPrepError",
     "KbitPrepWarning",
+    "NotShardableError",
     "NotTrainableError",
     "UnknownBackendError",
 ]
@@ -42,6 +43,10 @@ class BackendUnavailableError(KbitPrepError, ImportError):
 
 class NotTrainableError(KbitPrepError, ValueError):
     """Adapters on this model cannot receive gradients; raised before anything is changed."""
+
+
+class NotShardableError(KbitPrepError, ValueError):
+    """``distributed="fsdp"`` was asked for, but FSDP cannot shard this backend's quantized storage."""
 
 
 class DuplicateBackendError(KbitPrepError, ValueError):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kbitprep import _checkpointing as ckpt
+from kbitprep import _distributed
 from kbitprep._errors import InvalidArgumentError, InvalidModelError, KbitPrepWarning
 from kbitprep._registry import detect_backend, get_backend, unwrap_model
 from kbitprep.backends.base import QuantBackend, tensor_nbytes
@@ -88,7 +89,12 @@ class PreparationPlan:
         input_grad_modules: Modules whose output is made to require grad.
         input_casts: ``(module name, dtype)`` of modules whose floating inputs are cast to their
             own dtype because the plan leaves the model in mixed dtypes.
-        use_cache_off: Whether ``config.use_cache`` is turned off (it is, while checkpointing).
+        use_cache_off: Whether ``config.use_cache`` is turned off (it is, while checkpointing
+            and in the distributed mode).
+        distributed: ``"fsdp"`` when the distributed (FSDP) mode is on, else ``None``.
+        shard_dtype: In the distributed mode, the one dtype of every floating parameter (e.g.
+            ``"torch.bfloat16"``, the bitsandbytes ``quant_storage``); cast the adapters to it
+            with :func:`kbitprep.cast_adapters`.
     """
 
     backend: str
@@ -104,6 +110,8 @@ class PreparationPlan:
     input_grad_modules: tuple[str, ...] = ()
     input_casts: tuple[tuple[str, str], ...] = ()
     use_cache_off: bool = False
+    distributed: str | None = None
+    shard_dtype: str | None = None
     _options: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +152,8 @@ class PreparationPlan:
         )
         if self.input_casts:
             lines.append(f"input casts at {len(self.input_casts)} module(s) kept in another dtype")
+        if self.distributed:
+            lines.append(f"distributed: {self.distributed}; every floating parameter in {self.shard_dtype}")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
@@ -196,6 +206,7 @@ class _Options:
     upcast: Any
     upcast_dtype: torch.dtype
     keep: tuple[str, ...]
+    distributed: Any = None
 
 
 def _options(
@@ -205,6 +216,7 @@ def _options(
     upcast: object,
     upcast_dtype: object,
     keep_in_low_precision: object,
+    distributed: object = None,
 ) -> _Options:
     if not isinstance(use_gradient_checkpointing, bool):
         raise InvalidArgumentError(
@@ -244,6 +256,7 @@ def _options(
         upcast,
         upcast_dtype,
         keep,
+        _distributed.validate(distributed),
     )
 
 
@@ -364,6 +377,7 @@ def plan(
     upcast: Any = "auto",
     upcast_dtype: torch.dtype = torch.float32,
     keep_in_low_precision: Iterable[str] = (),
+    distributed: _distributed.DistributedMode = None,
 ) -> PreparationPlan:
     """Decide how to prepare ``model`` for k-bit adapter training; change nothing.
 
@@ -387,6 +401,14 @@ def plan(
         keep_in_low_precision: Module or parameter name patterns (exact, dotted suffix, or
             fnmatch glob) never cast, e.g. ``("lm_head", "embed_tokens")``. Their inputs are
             cast to their own dtype so no dtype mismatch appears mid-network.
+        distributed: ``None`` (default: single-process behaviour, as peft), ``"fsdp"`` (the model
+            will be sharded with FSDP1 ``FullyShardedDataParallel`` or FSDP2 ``fully_shard``), or
+            ``"auto"`` (``"fsdp"`` when ``ACCELERATE_USE_FSDP`` is set or a process group of
+            several ranks is initialised, and the quantized storage is a float dtype, e.g.
+            ``bnb_4bit_quant_storage=torch.bfloat16``). In the distributed mode every floating
+            parameter ends in one dtype (``shard_dtype``: the storage's float dtype, else the
+            dtype holding most bytes), nothing is upcast, checkpointing is non-reentrant and
+            ``use_cache`` is turned off. See docs/distributed.md.
 
     Returns:
         The plan. ``bytes_delta`` is in bytes; a tied parameter counts once.
@@ -398,6 +420,8 @@ def plan(
         BackendUnavailableError: The backend's library is not installed (pip hint included).
         NotTrainableError: The backend says adapters cannot train (e.g. torchao dynamic
             activation quantization, transformers ``HfQuantizer.is_trainable`` False).
+        NotShardableError: ``distributed="fsdp"`` and the backend's ``shardable(model)`` says
+            FSDP cannot shard its quantized storage.
     """
     model = _validate_model(model)
     opts = _options(
@@ -407,6 +431,7 @@ def plan(
         upcast,
         upcast_dtype,
         keep_in_low_precision,
+        distributed,
     )
     base = unwrap_model(model)
     strategy, reason, notes = _resolve_backend(base, opts.backend)
@@ -416,6 +441,26 @@ def plan(
 
     inventory = _inventory(model, strategy)
     storage_ids = {id(e.param) for e in inventory if e.storage}
+    dist_on, shard_dtype = _distributed.resolve(
+        opts.distributed,
+        strategy,
+        base,
+        [e.param for e in inventory if e.storage],
+        [e.param for e in inventory if not e.storage and not e.adapter and e.param.is_floating_point()],
+        found,
+    )
+    if dist_on and opts.upcast not in ("auto", "none"):
+        raise InvalidArgumentError(
+            f"upcast={opts.upcast!r} cannot be combined with distributed={opts.distributed!r}: the "
+            f"distributed mode keeps every floating parameter in one dtype ({shard_dtype}) so FSDP can "
+            "shard it. Leave upcast at 'auto'."
+        )
+    if dist_on and opts.use_gradient_checkpointing and opts.checkpoint_kwargs["use_reentrant"]:
+        raise InvalidArgumentError(
+            f"use_reentrant=True cannot be combined with distributed={opts.distributed!r}: FSDP needs "
+            "non-reentrant checkpointing. Pass gradient_checkpointing_kwargs={'use_reentrant': False} "
+            "or leave it out."
+        )
 
     # freeze
     adapters = [e for e in inventory if e.adapter]
@@ -442,6 +487,21 @@ def plan(
                 matched.add(pattern)
                 kept_low = True
         if kept_low:
+            continue
+        if dist_on:  # one dtype for FSDP: cast only what differs from it, never upcast
+            if shard_dtype is not None and p.dtype != shard_dtype:
+                casts.append(
+                    CastItem(
+                        e.names[0],
+                        tuple(p.shape),
+                        str(p.dtype),
+                        str(shard_dtype),
+                        tensor_nbytes(p),
+                        p.numel() * torch.empty((), dtype=shard_dtype).element_size(),
+                        tuple(e.names[1:]),
+                    )
+                )
+                final[id(p)] = shard_dtype
             continue
         name = e.names[0]
         if opts.upcast == "auto":
@@ -482,7 +542,7 @@ def plan(
             "dtype; kbitprep casts the inputs of those layers back to it, but the upcast costs "
             f"{bytes_delta:,} bytes for no accuracy the kernels can use."
         )
-    if strategy.name == "none" and bytes_delta > 0:
+    if strategy.name == "none" and bytes_delta > 0 and not dist_on:
         found.append(
             f"The model is not quantized; upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds "
             f"{bytes_delta:,} bytes ({bytes_delta} bytes), as peft does. Pass upcast='none' to keep "
@@ -556,7 +616,9 @@ def plan(
         warnings=tuple(found),
         input_grad_modules=tuple(prefix + n for n, _m in entries),
         input_casts=tuple(input_casts),
-        use_cache_off=gc and use_cache is True,
+        use_cache_off=(gc or dist_on) and use_cache is True,
+        distributed="fsdp" if dist_on else None,
+        shard_dtype=str(shard_dtype) if shard_dtype is not None else None,
         _options=opts,
     )
 
@@ -720,6 +782,15 @@ def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, 
             log.add(handle.remove)
 
 
+def _apply_use_cache_off(base: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
+    # the distributed mode turns use_cache off even without checkpointing; a no-op when
+    # _apply_checkpointing already did it
+    config = getattr(base, "config", None)
+    if p.use_cache_off and config is not None and config.use_cache is True:
+        config.use_cache = False
+        log.add(lambda: setattr(config, "use_cache", True))
+
+
 def prepare(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
@@ -729,6 +800,7 @@ def prepare(
     upcast: Any = "auto",
     upcast_dtype: torch.dtype = torch.float32,
     keep_in_low_precision: Iterable[str] = (),
+    distributed: _distributed.DistributedMode = None,
 ) -> PreparationReport:
     """Prepare ``model`` in place for k-bit adapter training and return what was done.
 
@@ -753,6 +825,7 @@ def prepare(
         upcast=upcast,
         upcast_dtype=upcast_dtype,
         keep_in_low_precision=keep_in_low_precision,
+        distributed=distributed,
     )
     base = unwrap_model(model)
     strategy = get_backend(p.backend)
@@ -763,6 +836,7 @@ def prepare(
         _apply_casts(model, p, log)
         _apply_input_casts(model, p, log)
         _apply_checkpointing(model, base, p, log)
+        _apply_use_cache_off(base, p, log)
     except BaseException:
         log.undo()
         raise
@@ -782,6 +856,7 @@ def prepare_model_for_kbit_training(
     upcast: Any = "auto",
     upcast_dtype: torch.dtype = torch.float32,
     keep_in_low_precision: Iterable[str] = (),
+    distributed: _distributed.DistributedMode = None,
 ) -> nn.Module:
     """Drop-in replacement for ``peft.prepare_model_for_kbit_training`` (peft 0.21).
 
@@ -797,6 +872,7 @@ def prepare_model_for_kbit_training(
         upcast=upcast,
         upcast_dtype=upcast_dtype,
         keep_in_low_precision=keep_in_low_precision,
+        distributed=distributed,
     )
     model._kbitprep_report = report  # type: ignore[assignment]
     return model

@@ -115,16 +115,34 @@ class BitsAndBytesBackend(QuantBackend):
         return undo
 
     def shardable(self, model: nn.Module) -> tuple[bool, str]:
+        """4-bit: yes. ``Linear4bit`` keeps a copy of the weight's ``quant_state`` on the module,
+        and bitsandbytes 0.50 re-attaches it when FSDP hands the layer a plain tensor
+        (``fix_4bit_weight_quant_state_from_module``). With a float ``quant_storage`` FSDP1 and
+        FSDP2 both shard the packed bytes (tests/test_distributed.py, CPU, gloo); with uint8 only
+        FSDP2 does (FSDP1 refuses integer tensors: "Cannot flatten integer dtype tensors").
+        8-bit: no, its scale state (``Int8Params.SCB``) lives on the parameter, which FSDP
+        replaces."""
         dtypes = set()
+        eight_bit = 0
+        linear8 = getattr(loaded_module("bitsandbytes.nn"), "Linear8bitLt", None)
         for _name, module in modules_of_type(model, _layer_classes()):
+            if linear8 is not None and isinstance(module, linear8):
+                eight_bit += 1
+                continue
             weight = getattr(module, "weight", None)
             if weight is not None:
                 dtypes.add(weight.dtype)
+        stored = ", ".join(sorted(str(d) for d in dtypes))
+        if eight_bit:
+            return False, (
+                f"{eight_bit} 8-bit Linear8bitLt layer(s): their scale state (Int8Params.SCB) is kept on "
+                "the parameter, which FSDP replaces with its own; bitsandbytes supports FSDP for 4-bit only"
+            )
         if not dtypes:
             return False, "no bitsandbytes layers found"
         if all(d.is_floating_point for d in dtypes):
-            return True, f"4-bit weights are stored as {', '.join(sorted(str(d) for d in dtypes))}"
-        return False, (
-            f"quantized weights are stored as {', '.join(sorted(str(d) for d in dtypes))}; FSDP can only "
-            "flatten them with float parameters when loaded with bnb_4bit_quant_storage=torch.bfloat16"
+            return True, f"4-bit weights are stored as {stored}"
+        return True, (
+            f"4-bit weights are stored as {stored}; FSDP2 shards them, FSDP1 only with "
+            "bnb_4bit_quant_storage set to the model's float dtype"
         )

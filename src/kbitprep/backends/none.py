@@ -36,3 +36,6 @@ class NoQuantBackend(QuantBackend):
 
     def check_trainable(self, model: nn.Module) -> None:
         return None
+
+    def shardable(self, model: nn.Module) -> tuple[bool, str]:
+        return True, "the model is not quantized: every parameter is an ordinary tensor"
