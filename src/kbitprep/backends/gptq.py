@@ -1,0 +1,200 @@
+"""GPTQ: gptqmodel's quantized linears (transformers 5) and auto-gptq's (transformers 4).
+
+A GPTQ layer keeps its quantized weight in buffers, not parameters: ``qweight`` int32
+``(in·bits/32, out)``, ``qzeros`` int32 ``(in/group, out·bits/32)``, ``scales`` fp16/bf16
+``(in/group, out)`` and ``g_idx`` int32 ``(in,)`` (gptqmodel 7.6.0; the same names in auto-gptq
+0.7). Buffers are never frozen or cast by the orchestrator, so the only parameters left are the
+model's plain float ones (embeddings, norms, ``lm_head``), which stay in the load dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kbitprep._errors import NotTrainableError
+from kbitprep.backends.base import (
+    QuantBackend,
+    UndoFn,
+    config_quant_method,
+    count_reason,
+    detect_in_tiers,
+    legacy_quant_method,
+    loaded_module,
+    modules_of_type,
+)
+
+__all__ = ["GptqBackend"]
+
+logger = logging.getLogger(__name__)
+
+STORAGE_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx"})
+"""Names of a GPTQ layer's quantized tensors (buffers in gptqmodel 7.6.0 and auto-gptq 0.7)."""
+
+_INFERENCE = "inference"  # gptqmodel's LinearMode.INFERENCE is a str Enum equal to this
+_TRAIN = "train"
+
+
+def _supports_gptq(cls: type) -> bool:
+    methods = getattr(cls, "SUPPORTS_METHODS", None)
+    if methods is None:
+        return True
+    return any(str(getattr(m, "value", m)).lower() == "gptq" for m in methods)
+
+
+def _layer_classes() -> tuple[type, ...]:
+    """GPTQ layer classes of the libraries already imported (nothing is imported here).
+
+    gptqmodel: ``gptqmodel.nn_modules.qlinear.BaseQuantLinear`` (its AWQ kernels share that
+    base, so instances are further filtered by ``SUPPORTS_METHODS`` in :func:`_is_gptq_layer`).
+    auto-gptq: the ``QuantLinear`` class of each ``auto_gptq.nn_modules.qlinear.qlinear_*`` module.
+    """
+    classes: list[type] = []
+    qlinear = loaded_module("gptqmodel.nn_modules.qlinear")
+    base = getattr(qlinear, "BaseQuantLinear", None) if qlinear is not None else None
+    if isinstance(base, type):
+        classes.append(base)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("auto_gptq.nn_modules.qlinear.") and mod is not None:
+            cls = getattr(mod, "QuantLinear", None)
+            if isinstance(cls, type):
+                classes.append(cls)
+    return tuple(classes)
+
+
+def _is_gptq_layer(module: nn.Module, classes: tuple[type, ...] | None = None) -> bool:
+    classes = _layer_classes() if classes is None else classes
+    return bool(classes) and isinstance(module, classes) and _supports_gptq(type(module))
+
+
+def _has_packed_storage(module: nn.Module) -> bool:
+    """A layer holding a packed int32 ``qweight`` and a float ``scales`` tensor (own, not nested)."""
+    tensors = {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
+    qweight, scales = tensors.get("qweight"), tensors.get("scales")
+    return (
+        isinstance(qweight, torch.Tensor)
+        and not qweight.is_floating_point()
+        and isinstance(scales, torch.Tensor)
+        and scales.is_floating_point()
+    )
+
+
+def _gptq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    classes = _layer_classes()
+    return [(n, m) for n, m in modules_of_type(model, classes) if _supports_gptq(type(m))]
+
+
+class GptqBackend(QuantBackend):
+    """Strategy for GPTQ models (gptqmodel on transformers 5, auto-gptq on transformers 4).
+
+    Nothing is upcast under ``upcast="auto"``: the GPTQ kernels compute in the dtype of their
+    ``scales`` (fp16 or bf16), and fp32 activations from upcast norms break them (peft PR #771,
+    case C05). The quantized tensors are buffers and are never touched.
+
+    gptqmodel's CPU kernels (``TorchAtenLinear``, ``TorchFusedLinear``) choose their mode on the
+    first forward and keep it: an eval-mode forward whose input does not require grad repacks
+    the weight for an int4 CPU matmul that runs under ``torch.no_grad`` and sets
+    ``linear_mode="inference"``; any other first forward sets ``"train"`` (gptqmodel 7.6.0
+    ``TorchAtenLinear.forward``). An inference-mode layer drops every gradient through it, so
+    adapters before it silently stop training (C14). :meth:`before_training` pins every layer
+    that has not chosen yet to ``"train"``; :meth:`check_trainable` refuses layers already latched.
+    """
+
+    name: ClassVar[str] = "gptq"
+    priority: ClassVar[int] = 0
+    install_hint: ClassVar[str] = "pip install 'kbitprep[gptq]'"
+    quant_methods: ClassVar[frozenset[str]] = frozenset({"gptq"})
+
+    def detect(self, model: nn.Module) -> str | None:
+        def layers(m: nn.Module) -> str | None:
+            found: dict[str, int] = {}
+            for _name, module in _gptq_layers(m):
+                found[type(module).__name__] = found.get(type(module).__name__, 0) + 1
+            if not found:
+                return None
+            return ", ".join(count_reason(n, f"GPTQ {cls}") for cls, n in sorted(found.items()))
+
+        return detect_in_tiers(model, self.quant_methods, layers)
+
+    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        """GPTQ storage (``qweight``, ``qzeros``, ``scales``, ``g_idx``), should a layer register
+        it as parameters rather than buffers; otherwise the default (integer dtype or subclass)."""
+        leaf = name.rpartition(".")[2]
+        if leaf in STORAGE_NAMES and (_is_gptq_layer(module) or _has_packed_storage(module)):
+            return True
+        return super().is_quantized_param(name, param, module)
+
+    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
+        """The dtype of a GPTQ layer's ``scales`` (fp16 or bf16), the dtype its kernel computes in."""
+        if not (_is_gptq_layer(module) or _has_packed_storage(module)):
+            return None
+        scales = getattr(module, "scales", None)
+        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
+            return scales.dtype
+        return None
+
+    def check_trainable(self, model: nn.Module) -> None:
+        """Refuse a model whose gptqmodel CPU layers already latched into inference mode.
+
+        Reads ``linear_mode`` from the modules; never runs a forward.
+
+        Raises:
+            NotTrainableError: At least one layer has ``linear_mode == "inference"`` (set by an
+                eval-mode no-grad forward on CPU, gptqmodel 7.6.0); the message counts them.
+                Also when the transformers quantizer reports ``is_trainable`` False.
+        """
+        super().check_trainable(model)
+        latched = [n for n, m in _gptq_layers(model) if getattr(m, "linear_mode", None) == _INFERENCE]
+        if latched:
+            total = sum(1 for _n, m in _gptq_layers(model) if hasattr(m, "linear_mode"))
+            raise NotTrainableError(
+                f"{len(latched)} of {total} GPTQ layers (first: {latched[0]!r}) have "
+                "linear_mode='inference': an eval-mode forward under torch.no_grad already ran "
+                "and gptqmodel repacked their weights for an int4 CPU matmul that has no backward, "
+                "so adapters would silently get no gradient. Reload the model and call prepare "
+                "before any forward, or load it with GPTQConfig(bits=4, backend=\"gptq_torch\") "
+                "(TorchLinear has no such mode)."
+            )
+
+    def before_training(self, model: nn.Module) -> UndoFn | None:
+        """Pin every gptqmodel layer whose ``linear_mode`` is still None to ``"train"``.
+
+        gptqmodel 7.6.0 latches the inference mode only while ``linear_mode is None``, so a
+        later eval no-grad forward (a smoke test, ``Trainer``'s evaluation) keeps the layer
+        differentiable. Returns an undo that sets the pinned layers back to None.
+        """
+        pinned: list[nn.Module] = []
+        for _name, module in _gptq_layers(model):
+            if hasattr(module, "linear_mode") and module.linear_mode is None:
+                module.linear_mode = _TRAIN
+                pinned.append(module)
+        if not pinned:
+            return None
+        logger.info("Pinned %d GPTQ layers to linear_mode='train'", len(pinned))
+
+        def undo() -> None:
+            for module in pinned:
+                if getattr(module, "linear_mode", None) == _TRAIN:
+                    setattr(module, "linear_mode", None)  # noqa: B010 (nn.Module's setattr typing)
+
+        return undo
+
+    def plan_warnings(self, model: nn.Module) -> list[str]:
+        out: list[str] = []
+        evidence = config_quant_method(model) or legacy_quant_method(model)
+        if (
+            evidence is not None
+            and evidence[0] in self.quant_methods
+            and not _gptq_layers(model)
+            and not any(_has_packed_storage(m) for m in model.modules())
+        ):
+            out.append(
+                f"The model is flagged GPTQ ({evidence[1]}) but holds no GPTQ layer: its linears "
+                "are probably plain and randomly initialised (the checkpoint's qweight/scales were "
+                "not loaded). Check the load report for UNEXPECTED qweight keys."
+            )
+        return out

@@ -1,0 +1,239 @@
+"""Builders for the real quantized tiny models the backend tests use.
+
+Every builder starts from the tiny Llama of ../shared/cases/README.md (hidden 64, intermediate
+128, 2 layers, vocab 1000: 14 decoder linears and 7 plain float parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from _models import TINY, tiny_config, tiny_llama
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+N_LINEARS = 14
+N_PLAIN = 7  # embed_tokens, 5 RMSNorm weights, lm_head
+
+
+def from_pretrained(path: str, dtype: torch.dtype, **kw: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` on CPU.
+
+    No ``quantization_config=None`` is passed: in transformers 5.24 an explicit None makes a
+    pre-quantized GPTQ checkpoint load as plain ``nn.Linear`` with random weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **kw)
+
+
+def storage_by_base_name(model: nn.Module, backend: Any) -> dict[str, str]:
+    """:func:`_models.storage_digest` keyed by the name in the unwrapped model, so digests taken
+    before and after attaching LoRA (``base_model.model.`` prefix, ``.base_layer``) compare."""
+    from _models import storage_digest
+
+    out = {}
+    for name, digest in storage_digest(model, backend).items():
+        out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = digest
+    return out
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in DECODER_LINEARS]
+
+
+# -- GPTQ ------------------------------------------------------------------------------------
+
+
+def word_tokenizer() -> Any:
+    """A word-level tokenizer built locally with ``tokenizers``: "w<i>" -> id i (1..999), unk 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(1, TINY["vocab_size"])}
+    vocab["<unk>"] = 0
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
+
+
+def calibration_texts(n: int = 16, length: int = 32) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(4, TINY["vocab_size"], (length,), generator=g)) for _ in range(n)]
+
+
+def quantize_gptq(src: str, dst: str, device_map: str = "cpu") -> str:
+    """Quantize the fp16 tiny model at ``src`` with gptqmodel (4 bits, group 32) and save to ``dst``."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    if (Path(dst) / "config.json").exists():
+        return dst
+    cfg = GPTQConfig(
+        bits=4, group_size=32, desc_act=False, sym=True, dataset=calibration_texts(), tokenizer=word_tokenizer()
+    )
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, device_map=device_map, quantization_config=cfg)
+    model.save_pretrained(dst)
+    return dst
+
+
+# -- AQLM ------------------------------------------------------------------------------------
+
+
+def write_aqlm_checkpoint(
+    dst: str, *, num_codebooks: int, nbits: int, not_to_quantize: list[str], seed: int = 0
+) -> str:
+    """Synthesize an AQLM checkpoint (C17): random codes and N(0, 0.05) codebooks, unit scales,
+    in groups of 8 inputs, for the 14 decoder linears; float embedding, norms and lm_head."""
+    from safetensors.torch import save_file
+
+    path = Path(dst)
+    if (path / "config.json").exists():
+        return dst
+    path.mkdir(parents=True, exist_ok=True)
+    base = tiny_llama(torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    code_dtype = torch.int16 if nbits == 16 else torch.int8
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in base.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module.rpartition(".")[2] in DECODER_LINEARS:
+            continue
+        tensors[name] = param.contiguous()
+    for name, linear in decoder_linears(base):
+        out_f, in_f = linear.weight.shape
+        high = 2 ** nbits
+        codes = torch.randint(0, high, (out_f, in_f // 8, num_codebooks), generator=g)
+        codes = (codes - 2 ** (nbits - 1)).to(code_dtype)  # stored signed, as aqlm does
+        tensors[f"{name}.codes"] = codes
+        tensors[f"{name}.codebooks"] = torch.randn(num_codebooks, high, 1, 8, generator=g) * 0.05
+        tensors[f"{name}.scales"] = torch.ones(out_f, 1, 1, 1)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = tiny_config().to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["quantization_config"] = {
+        "quant_method": "aqlm",
+        "in_group_size": 8,
+        "out_group_size": 1,
+        "num_codebooks": num_codebooks,
+        "nbits_per_codebook": nbits,
+        "linear_weights_not_to_quantize": list(not_to_quantize),
+    }
+    (path / "config.json").write_text(json.dumps(config, default=str))
+    return dst
+
+
+# -- HQQ -------------------------------------------------------------------------------------
+
+
+def hqq_tiny(compute_dtype: torch.dtype = torch.bfloat16, model_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The C08/C15 model: tiny Llama in ``model_dtype`` with its 14 decoder linears replaced by
+    ``HQQLinear`` (4 bits, group 64, PYTORCH backend, optimizer step off for speed); no
+    transformers quantization attribute is set."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+
+    HQQLinear.set_backend(HQQBackend.PYTORCH)
+    model = tiny_llama(model_dtype)
+    qcfg = BaseQuantizeConfig(nbits=4, group_size=64)
+    qcfg["weight_quant_params"]["optimize"] = False
+    for name, linear in decoder_linears(model):
+        layer = HQQLinear(linear, qcfg, compute_dtype=compute_dtype, device="cpu")
+        model.set_submodule(name, layer)
+    return model
+
+
+# -- EETQ ------------------------------------------------------------------------------------
+
+
+class FakeEetqKernels:
+    """Pure-torch stand-in for the hub kernel ``kernels-community/quantization-eetq``.
+
+    ``quant_weights(w (in, out), int8, False)`` returns per-column int8 codes and fp16 scales;
+    ``w8_a16_gemm(x, w, s)`` computes ``x @ (w * s)`` in ``x``'s dtype.
+    """
+
+    @staticmethod
+    def quant_weights(weight: torch.Tensor, dtype: torch.dtype, _flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.float()
+        scales = w.abs().amax(dim=0).clamp(min=1e-8) / 127.0
+        q = torch.round(w / scales).clamp(-127, 127).to(torch.int8)
+        return q, scales.to(torch.float16)
+
+    @staticmethod
+    def w8_a16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x @ (weight.to(x.dtype) * scales.to(x.dtype))
+
+
+def eetq_tiny(dtype: torch.dtype = torch.float16, flag: str | None = "all") -> nn.Module:
+    """Tiny Llama in ``dtype`` with its 14 decoder linears replaced by transformers'
+    ``EetqLinear`` (int8 ``weight`` (in, out), fp16 ``weight_scales`` (out,) with
+    requires_grad=True, as loading leaves it), quantized with :class:`FakeEetqKernels`.
+
+    ``flag``: ``"all"`` sets the attributes a transformers EETQ load sets (``hf_quantizer``,
+    ``config.quantization_config``, ``is_quantized``, ``quantization_method``); ``"attribute"``
+    only ``quantization_method``; ``"config"`` only ``config.quantization_config``; ``None`` none.
+    """
+    from transformers.integrations.eetq import EetqLinear
+
+    model = tiny_llama(dtype)
+    for name, linear in decoder_linears(model):
+        layer = EetqLinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, s = FakeEetqKernels.quant_weights(linear.weight.detach().t().contiguous(), torch.int8, False)
+        layer.weight.data = q
+        layer.weight_scales.data = s
+        model.set_submodule(name, layer)
+    if flag in ("all", "attribute"):
+        from transformers.utils.quantization_config import QuantizationMethod
+
+        model.quantization_method = QuantizationMethod.EETQ
+    if flag in ("all", "config"):
+        from transformers import EetqConfig
+
+        model.config.quantization_config = EetqConfig()
+    if flag == "all":
+        from transformers import EetqConfig
+        from transformers.quantizers.quantizer_eetq import EetqHfQuantizer
+
+        model.is_quantized = True
+        model.hf_quantizer = EetqHfQuantizer(EetqConfig())
+    return model
+
+
+# -- shared assertions -----------------------------------------------------------------------
+
+UPCASTS: list[Any] = ["auto", "all", lambda name, param, module: True]
+UPCAST_IDS = ["auto", "all", "callable"]
+
+
+def storage_state(model: nn.Module, backend: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, bool, str]]:
+    """(dtype, shape, bytes, requires_grad, sha256) of every quantized storage parameter, by name
+    in the unwrapped model."""
+    from _models import _digest
+    from kbitprep.backends.base import tensor_nbytes
+
+    modules = dict(model.named_modules())
+    out = {}
+    for name, p in model.named_parameters():
+        owner = modules.get(name.rpartition(".")[0], model)
+        if backend.is_quantized_param(name, p, owner):
+            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            out[key] = (p.dtype, tuple(p.shape), tensor_nbytes(p), p.requires_grad, _digest(p))
+    return out
+
+
+def prepare_quietly(model: nn.Module, upcast: Any, **kw: Any) -> Any:
+    """prepare(); ``upcast="all"`` on these backends must warn that their kernels want their own
+    compute dtype (the orchestrator's KbitPrepWarning). Any other warning fails the test."""
+    import pytest
+
+    from kbitprep import KbitPrepWarning, prepare
+
+    if upcast != "all":
+        return prepare(model, upcast=upcast, **kw)
+    with pytest.warns(KbitPrepWarning, match="expect their own compute"):
+        return prepare(model, upcast=upcast, **kw)
