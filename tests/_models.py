@@ -62,9 +62,10 @@ def bnb4_config(**kw: Any) -> Any:
 def load(path: str, dtype: torch.dtype = torch.bfloat16, quantization_config: Any = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map="cpu", quantization_config=quantization_config
-    )
+    # passing quantization_config=None explicitly would make transformers 5.24 reload a saved
+    # pre-quantized checkpoint as plain nn.Linear with random weights, so pass it only when given
+    extra: dict[str, Any] = {} if quantization_config is None else {"quantization_config": quantization_config}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **extra)
 
 
 def add_lora(model: nn.Module, r: int = 8) -> nn.Module:
