@@ -1,0 +1,500 @@
+"""Conformance tests a backend's own test suite runs against its :class:`~kbitprep.QuantBackend`.
+
+A pytest base class in the style of fsspec's abstract tests: subclass it in a ``test_*.py`` file,
+name the subclass ``Test...``, say which backend class it checks and how to build a small model
+quantized by it. Every check then runs against that backend::
+
+    from kbitprep.testing import BackendConformanceTests
+
+    class TestToyQuant(BackendConformanceTests):
+        backend_cls = ToyQuantBackend
+
+        def make_model(self) -> nn.Module:
+            return tiny_model_quantized_by_toyquant()
+
+The checks (one test each; the storage check runs once per upcast policy):
+
+- detection: the backend is registered (entry point or :func:`kbitprep.register_backend`) and
+  :func:`kbitprep.detect_backend` picks it for the model;
+- storage: quantized storage (parameters the backend calls storage, and integer buffers) is
+  never cast, never made trainable and keeps its bytes, under ``upcast="auto"``, ``"all"`` and a
+  callable that says yes to everything;
+- plan == applied: :func:`kbitprep.plan` changes nothing, :func:`kbitprep.prepare` does exactly
+  what the plan says (casts, ``bytes_delta`` equal to the measured change in parameter bytes,
+  warnings) and freezes every base parameter;
+- undo: :meth:`kbitprep.PreparationReport.undo` restores every parameter and buffer bit-exactly,
+  ``requires_grad``, hooks, checkpointing flags and ``config.use_cache``;
+- idempotence: a second prepare casts nothing and changes nothing;
+- training: after prepare, adapters (by default a small LoRA-style adapter the kit attaches to
+  every quantized layer) get finite, nonzero gradients, also when an eval-mode no-grad forward
+  ran before prepare (the kernel-mode traps of bitsandbytes and gptqmodel on CPU), unless the
+  backend refuses that model with :class:`~kbitprep.NotTrainableError`.
+
+The model may be a plain ``nn.Module``: nothing here needs transformers or peft. The kit calls
+``model(input_ids)`` and reads ``.logits`` when the output has it; override :meth:`loss` for
+another calling convention.
+
+This module imports pytest; ``import kbitprep`` never imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+try:
+    import pytest
+except ImportError as exc:  # pragma: no cover - only reached outside a test run
+    raise ImportError(
+        "kbitprep.testing is a pytest conformance kit; install pytest (`pip install pytest`) "
+        "to run it. `import kbitprep` does not need it."
+    ) from exc
+
+from kbitprep._errors import KbitPrepWarning, NotTrainableError
+from kbitprep._prepare import PreparationPlan, plan, prepare
+from kbitprep._registry import available_backends, detect_backend, get_backend
+from kbitprep.backends.base import QuantBackend, tensor_nbytes
+
+__all__ = ["BackendConformanceTests", "LoRAAdapter", "attach_lora"]
+
+
+# -- a hand-written LoRA-style adapter -----------------------------------------------------------
+
+
+class LoRAAdapter(nn.Module):
+    """A low-rank adapter ``x @ A.T @ B.T * scale`` added to a layer's output by a forward hook.
+
+    Unlike LoRA's usual initialisation, ``B`` starts small and nonzero, so both ``A`` and ``B``
+    get a nonzero gradient at the first step and a zero gradient means gradient flow is broken.
+
+    Args:
+        in_features: Width of the layer's input.
+        out_features: Width of the layer's output.
+        r: Rank. Default 4.
+        dtype: Dtype of ``A`` and ``B``. Default ``torch.float32``, as peft keeps LoRA weights.
+        device: Device of ``A`` and ``B``.
+        seed: Seed of the initialisation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 4,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.lora_A = nn.Parameter((torch.randn(r, in_features, generator=gen) / math.sqrt(in_features)).to(device, dtype))
+        self.lora_B = nn.Parameter((torch.randn(out_features, r, generator=gen) * 0.01).to(device, dtype))
+        self.scale = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def attach_lora(
+    module: nn.Module,
+    r: int = 4,
+    seed: int = 0,
+    *,
+    in_features: int | None = None,
+    out_features: int | None = None,
+) -> LoRAAdapter:
+    """Attach a :class:`LoRAAdapter` to ``module`` with a forward hook; returns the adapter.
+
+    The adapter is not registered as a submodule, so the model's own parameters are unchanged.
+    ``module`` must have ``in_features`` and ``out_features`` (every quantized linear layer of
+    bitsandbytes, torchao, hqq, gptqmodel and aqlm has them) and take the activations as its
+    first positional argument; pass ``in_features`` / ``out_features`` for a layer without them.
+
+    Raises:
+        TypeError: The sizes are neither given nor attributes of ``module``.
+    """
+    in_f = in_features if in_features is not None else getattr(module, "in_features", None)
+    out_f = out_features if out_features is not None else getattr(module, "out_features", None)
+    if not isinstance(in_f, int) or not isinstance(out_f, int):
+        raise TypeError(
+            f"{type(module).__name__} has no integer in_features/out_features, so the kit cannot size "
+            "an adapter for it. Pass in_features/out_features, or override make_adapters(model) in your "
+            "conformance test class."
+        )
+    device = next((t.device for t in module.parameters(recurse=False)), None)
+    if device is None:
+        device = next((t.device for t in module.buffers(recurse=False)), torch.device("cpu"))
+    adapter = LoRAAdapter(in_f, out_f, r, device=device, seed=seed)
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        delta: torch.Tensor = adapter(args[0])
+        return output + delta.to(output.dtype)
+
+    module.register_forward_hook(hook)
+    return adapter
+
+
+# -- snapshots -----------------------------------------------------------------------------------
+
+
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of the real storage of ``t`` (inner tensors of a wrapper subclass), with dtype and shape."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ctx = flatten()
+        inner = "|".join(_digest(getattr(t, n)) for n in names)
+        return f"{type(t).__name__}[{inner}]"
+    data = t.detach()
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    raw = data.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if data.numel() else b""
+    return f"{hashlib.sha256(raw).hexdigest()}:{t.dtype}:{tuple(t.shape)}:{type(t).__name__}"
+
+
+def _hook_counts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
+    return {
+        name: (
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "_backward_pre_hooks", {})),
+        )
+        for name, m in model.named_modules()
+    }
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    """Everything prepare may change, in comparable form."""
+    config = getattr(model, "config", None)
+    return {
+        "params": {n: (_digest(p), p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)},
+        "buffers": {n: _digest(b) for n, b in model.named_buffers(remove_duplicate=False)},
+        "hooks": _hook_counts(model),
+        "checkpointing": {
+            n: getattr(m, "gradient_checkpointing", None)
+            for n, m in model.named_modules()
+            if getattr(m, "gradient_checkpointing", None) is not None
+        },
+        "use_cache": getattr(config, "use_cache", None),
+    }
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key in before:
+        b, a = before[key], after[key]
+        if isinstance(b, dict):
+            for name in sorted(set(b) | set(a)):
+                if b.get(name) != a.get(name):
+                    out.append(f"{key}[{name!r}]: {b.get(name)!r} -> {a.get(name)!r}")
+        elif b != a:
+            out.append(f"{key}: {b!r} -> {a!r}")
+    return out
+
+
+def _param_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += tensor_nbytes(p)
+    return total
+
+
+def _always(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    return True
+
+
+# -- the kit -------------------------------------------------------------------------------------
+
+
+class BackendConformanceTests:
+    """Subclass as ``Test<Name>`` to run the conformance checks against one backend.
+
+    Attributes:
+        backend_cls: The :class:`~kbitprep.QuantBackend` subclass under test. It must be
+            registered (through the ``kbitprep.backends`` entry point of the installed
+            distribution, or :func:`kbitprep.register_backend`) so that detection can pick it.
+        input_ids: Optional ``LongTensor`` of shape ``(batch, seq)`` fed to the model; by default
+            random ids of shape ``(2, 16)`` below the first ``nn.Embedding``'s vocabulary size.
+        expects_storage: Whether the model holds quantized storage. True for every quantized
+            backend; the ``none`` backend sets it False.
+        seed: Seed of the default inputs and adapters.
+    """
+
+    backend_cls: ClassVar[type[QuantBackend]]
+    input_ids: ClassVar[torch.Tensor | None] = None
+    expects_storage: ClassVar[bool] = True
+    seed: ClassVar[int] = 0
+
+    # -- what the author supplies ------------------------------------------------------------
+
+    def make_model(self) -> nn.Module:
+        """A small model quantized by the backend under test; a fresh one on every call."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_model()")
+
+    def make_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Attach trainable adapters to the prepared ``model``; return their parameters.
+
+        Default: one :class:`LoRAAdapter` on every module that directly holds quantized storage
+        (or, when there is none, on every ``nn.Linear``). Every returned parameter must get a
+        nonzero gradient from one backward pass.
+        """
+        targets = [m for _n, m in self._storage_modules(model)]
+        if not targets:
+            targets = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not targets:
+            raise AssertionError(
+                "The model has no quantized layer and no nn.Linear to attach the default adapter to; "
+                "override make_adapters(model)."
+            )
+        params: list[nn.Parameter] = []
+        for i, module in enumerate(targets):
+            params.extend(attach_lora(module, seed=self.seed + i).parameters())
+        return params
+
+    def make_input_ids(self, model: nn.Module) -> torch.Tensor:
+        """The batch fed to the model: :attr:`input_ids` when set, else random token ids."""
+        if self.input_ids is not None:
+            return self.input_ids
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if emb is None:
+            raise AssertionError("The model has no nn.Embedding; set input_ids on the test class.")
+        device = emb.weight.device
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, emb.num_embeddings, (2, 16), generator=gen).to(device)
+
+    def loss(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """A scalar loss from one forward: next-token cross entropy on the logits when they have
+        a vocabulary axis, else the mean square of the output."""
+        out = model(input_ids)
+        logits = getattr(out, "logits", out)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        assert isinstance(logits, torch.Tensor), f"model output {type(out).__name__} has no tensor logits"
+        if (
+            logits.dim() == 3
+            and logits.shape[:2] == input_ids.shape
+            and logits.shape[1] > 1
+            and logits.shape[-1] > int(input_ids.max())
+        ):
+            return nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1)
+            )
+        return logits.float().pow(2).mean()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> QuantBackend:
+        return self.backend_cls()
+
+    def _storage(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Quantized storage: parameters the backend calls storage, and non-floating buffers."""
+        backend = self.backend
+        modules = dict(model.named_modules())
+        for name, p in model.named_parameters():
+            owner = modules.get(name.rpartition(".")[0], model)
+            if backend.is_quantized_param(name, p, owner):
+                yield name, p
+        for name, b in model.named_buffers():
+            if not b.is_floating_point() and not b.is_complex():
+                yield name, b
+
+    def _storage_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        backend = self.backend
+        out = []
+        for mname, module in model.named_modules():
+            own = [
+                backend.is_quantized_param(f"{mname}.{n}" if mname else n, p, module)
+                for n, p in module.named_parameters(recurse=False)
+            ]
+            own += [not b.is_floating_point() for b in module.buffers(recurse=False)]
+            if any(own):
+                out.append((mname, module))
+        return out
+
+    def _prepare(self, model: nn.Module, **options: Any) -> tuple[Any, list[str]]:
+        """prepare() with its KbitPrepWarnings recorded instead of raised."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KbitPrepWarning)
+            report = prepare(model, **options)
+        others = [w for w in caught if not issubclass(w.category, KbitPrepWarning)]
+        for w in others:  # give every other warning back to the test's own filters
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return report, [str(w.message) for w in caught if issubclass(w.category, KbitPrepWarning)]
+
+    def _assert_adapters_train(self, model: nn.Module) -> None:
+        layers = self._storage_modules(model)
+        inputs: dict[str, torch.Tensor] = {}
+
+        def recorder(name: str) -> Any:
+            def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+                if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                    inputs.setdefault(name, args[0].detach())
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(recorder(n)) for n, m in layers]
+        adapters = self.make_adapters(model)
+        assert adapters, "make_adapters returned no parameters"
+        model.train()
+        try:
+            loss = self.loss(model, self.make_input_ids(model))
+        finally:
+            for h in handles:
+                h.remove()
+        assert torch.isfinite(loss).item(), f"loss is not finite: {loss.item()}"
+        torch.autograd.backward(loss)
+        missing = [i for i, p in enumerate(adapters) if p.grad is None]
+        zero = [i for i, p in enumerate(adapters) if p.grad is not None and not bool(p.grad.abs().sum() > 0)]
+        assert not missing and not zero, (
+            f"{len(missing)} of {len(adapters)} adapter parameters got no gradient and {len(zero)} a zero "
+            f"gradient after prepare (first: #{(missing or zero)[0]}); gradient flow is broken"
+        )
+        for name, t in self._storage(model):
+            assert t.grad is None, f"quantized storage {name!r} received a gradient"
+
+        # Adapters on every layer can carry gradient around a layer whose backward is broken, so
+        # each quantized layer is also checked on its own: in train mode, on the input it saw,
+        # it must pass a nonzero gradient back to that input (what an adapter before it needs).
+        blocked = []
+        for name, module in layers:
+            if name not in inputs:
+                continue
+            x = inputs[name].clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = module.forward(x)  # without hooks: the adapter's own path must not count
+            if not isinstance(y, torch.Tensor):
+                continue
+            if y.grad_fn is None:
+                blocked.append(name)
+                continue
+            (grad,) = torch.autograd.grad(y.float().sum(), x, allow_unused=True)
+            if grad is None or not bool(grad.abs().sum() > 0):
+                blocked.append(name)
+        assert not blocked, (
+            f"{len(blocked)} quantized layer(s) pass no gradient to their input in train mode after "
+            f"prepare (first: {blocked[0]!r}); adapters before them would not train"
+        )
+
+    # -- the checks ---------------------------------------------------------------------------
+
+    def test_backend_is_registered(self) -> None:
+        name = self.backend_cls.name
+        info = available_backends().get(name)
+        assert info is not None, (
+            f"backend {name!r} is not registered: install the distribution that declares it in the "
+            "'kbitprep.backends' entry-point group, or call kbitprep.register_backend()"
+        )
+        assert info.status == "ok", f"backend {name!r} status is {info.status!r}"
+        assert isinstance(get_backend(name), self.backend_cls)
+
+    def test_detect_backend_picks_it(self) -> None:
+        model = self.make_model()
+        reason = self.backend.detect(model)
+        assert reason, f"{self.backend_cls.__name__}.detect() did not claim the model"
+        detection = detect_backend(model)
+        assert detection.backend == self.backend_cls.name, (
+            f"detect_backend chose {detection.backend!r} ({detection.reason}), not {self.backend_cls.name!r}"
+        )
+        assert detection.reason
+
+    @pytest.mark.parametrize("upcast", ["auto", "all", _always], ids=["auto", "all", "callable"])
+    def test_storage_is_never_cast_nor_trainable(self, upcast: Any) -> None:
+        model = self.make_model()
+        before = {n: (_digest(t), type(t)) for n, t in self._storage(model)}
+        if self.expects_storage:
+            assert before, (
+                "make_model() returned a model with no quantized storage: no parameter for which "
+                f"{self.backend_cls.__name__}.is_quantized_param is True and no integer buffer"
+            )
+        p = plan(model, upcast=upcast)
+        cast_names = {n for c in p.casts for n in (c.name, *c.tied)}
+        assert not cast_names & set(before), f"the plan casts storage: {sorted(cast_names & set(before))}"
+        self._prepare(model, upcast=upcast)
+        after = dict(self._storage(model))
+        assert set(after) == set(before), "storage tensors appeared or disappeared during prepare"
+        for name, (digest, cls) in before.items():
+            t = after[name]
+            assert type(t) is cls, f"{name}: class changed from {cls.__name__} to {type(t).__name__}"
+            assert _digest(t) == digest, f"{name}: quantized storage bytes or dtype changed"
+            assert not t.requires_grad, f"{name}: quantized storage was made trainable"
+
+    def test_plan_changes_nothing_and_prepare_applies_it(self) -> None:
+        model = self.make_model()
+        state = _state(model)
+        dtypes = {n: q.dtype for n, q in model.named_parameters(remove_duplicate=False)}
+        p = plan(model)
+        assert isinstance(p, PreparationPlan)
+        assert p.backend == self.backend_cls.name
+        changed = _diff(state, _state(model))
+        assert not changed, "plan() changed the model: " + "; ".join(changed[:5])
+
+        bytes_before = _param_bytes(model)
+        report, emitted = self._prepare(model)
+        assert report.to_dict() == p.to_dict(), "the report differs from the plan made just before"
+        assert tuple(emitted) == p.warnings, f"warnings emitted {emitted} differ from plan.warnings {p.warnings}"
+        assert _param_bytes(model) - bytes_before == p.bytes_delta, (
+            f"bytes_delta {p.bytes_delta:+,} differs from the measured change "
+            f"{_param_bytes(model) - bytes_before:+,}"
+        )
+        params = dict(model.named_parameters(remove_duplicate=False))
+        casted = {}
+        for c in p.casts:
+            for name in (c.name, *c.tied):
+                casted[name] = c.to_dtype
+                assert str(params[name].dtype) == c.to_dtype, f"{name} is {params[name].dtype}, plan said {c.to_dtype}"
+                assert c.tied == () or params[name] is params[c.name], f"{name} is no longer tied to {c.name}"
+        for name, param in params.items():
+            if name not in casted:
+                assert param.dtype == dtypes[name], f"{name} changed dtype without a planned cast"
+        trainable = [n for n, q in model.named_parameters() if q.requires_grad and n not in p.kept_trainable]
+        assert not trainable, f"base parameters left trainable: {trainable[:5]}"
+
+    def test_undo_restores_bit_exactly(self) -> None:
+        model = self.make_model()
+        state = _state(model)
+        report, _ = self._prepare(model)
+        report.undo()
+        changed = _diff(state, _state(model))
+        assert not changed, "undo() did not restore: " + "; ".join(changed[:5])
+        report.undo()  # a second undo does nothing
+        assert not _diff(state, _state(model))
+
+    def test_second_prepare_changes_nothing(self) -> None:
+        model = self.make_model()
+        self._prepare(model)
+        state = _state(model)
+        second, _ = self._prepare(model)
+        assert second.casts == (), f"second prepare casts again: {[c.name for c in second.casts]}"
+        assert second.bytes_delta == 0
+        changed = _diff(state, _state(model))
+        assert not changed, "the second prepare changed the model: " + "; ".join(changed[:5])
+
+    def test_adapters_train_after_prepare(self) -> None:
+        model = self.make_model()
+        self._prepare(model)
+        self._assert_adapters_train(model)
+
+    def test_adapters_train_after_an_eval_forward(self) -> None:
+        """An eval-mode no-grad forward before prepare (a smoke test, an evaluation at step 0)
+        must not silently cut gradients: the backend restores the layers or refuses the model."""
+        model = self.make_model()
+        model.eval()
+        with torch.no_grad():
+            model(self.make_input_ids(model))
+        try:
+            self._prepare(model)
+        except NotTrainableError:
+            return  # refused loudly: conforming
+        self._assert_adapters_train(model)
+
