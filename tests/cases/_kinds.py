@@ -39,11 +39,11 @@ def need_strategy(name: str) -> None:
         pytest.skip(f"kbitprep.backends.{name} is not in this checkout yet")
 
 
-def plain(root: str) -> nn.Module:
+def plain(root: str) -> Any:
     return load(saved_tiny(root))
 
 
-def generic(root: str) -> nn.Module:
+def generic(root: str) -> Any:
     """A plain bf16 model flagged as quantized by a method kbitprep has no strategy for."""
     model = plain(root)
     model.is_quantized = True
@@ -51,23 +51,23 @@ def generic(root: str) -> nn.Module:
     return model
 
 
-def bnb4(root: str, **kw: Any) -> nn.Module:
+def bnb4(root: str, **kw: Any) -> Any:
     need("bitsandbytes")
     return load(saved_tiny(root), quantization_config=bnb4_config(**kw))
 
 
-def bnb4_bf16_storage(root: str) -> nn.Module:
+def bnb4_bf16_storage(root: str) -> Any:
     return bnb4(root, bnb_4bit_quant_storage=torch.bfloat16)
 
 
-def bnb8(root: str) -> nn.Module:
+def bnb8(root: str) -> Any:
     need("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    return load(saved_tiny(root), quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    return load(saved_tiny(root), quantization_config=BitsAndBytesConfig(load_in_8bit=True))  # type: ignore[no-untyped-call]
 
 
-def torchao_hf(root: str, config: Any = None) -> nn.Module:
+def torchao_hf(root: str, config: Any = None) -> Any:
     """(C07a) loaded through transformers with ``TorchAoConfig``; lm_head stays bf16."""
     need("torchao")
     from torchao.quantization import Int8WeightOnlyConfig
@@ -76,7 +76,7 @@ def torchao_hf(root: str, config: Any = None) -> nn.Module:
     return load(saved_tiny(root), quantization_config=TorchAoConfig(config or Int8WeightOnlyConfig()))
 
 
-def torchao_direct(root: str, config: Any = None) -> nn.Module:
+def torchao_direct(root: str, config: Any = None) -> Any:
     """(C07b) ``quantize_`` applied directly: no transformers attributes; lm_head quantized too."""
     need("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -90,16 +90,16 @@ def intx_config() -> Any:
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))  # type: ignore[attr-defined]
 
 
-def torchao_direct_intx(root: str) -> nn.Module:
+def torchao_direct_intx(root: str) -> Any:
     """(C07c) ``quantize_`` with intx int4 weight-only."""
     need("torchao")
     return torchao_direct(root, intx_config())
 
 
-def hqq_direct(root: str) -> nn.Module:
+def hqq_direct(root: str) -> Any:
     """Decoder linears swapped for ``HQQLinear`` (backend PYTORCH), no transformers attributes."""
     need("hqq")
     need_strategy("hqq")
@@ -118,7 +118,7 @@ def hqq_direct(root: str) -> nn.Module:
 
 
 # every backend whose real layers run on CPU; gptq / aqlm / eetq are covered by their own cases
-CPU_KINDS: dict[str, Callable[[str], nn.Module]] = {
+CPU_KINDS: dict[str, Callable[[str], Any]] = {
     "none": plain,
     "generic": generic,
     "bnb4": bnb4,
@@ -143,7 +143,7 @@ EXPECTED_BACKEND = {
 QUANTIZED_KINDS = [k for k in CPU_KINDS if k not in ("none",)]
 
 
-def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def quantized_tensors(model: Any) -> dict[str, torch.Tensor]:
     """Quantized storage by the test's own ground truth (layer and tensor classes), not by any
     kbitprep strategy: bitsandbytes Params4bit / Int8Params, torchao subclasses, HQQ ``W_q``, and
     integer buffers."""
@@ -151,7 +151,7 @@ def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         import bitsandbytes as bnb
 
-        classes += [bnb.nn.Params4bit, bnb.nn.Int8Params]
+        classes += [bnb.nn.Params4bit, bnb.nn.Int8Params]  # type: ignore[attr-defined]
     except ImportError:
         pass
     try:
@@ -178,19 +178,27 @@ def storage_record(t: torch.Tensor) -> tuple[Any, ...]:
     return (type(t).__name__, t.dtype, tuple(t.shape), tensor_nbytes(t), t.requires_grad, _digest(t))
 
 
-def floating_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def floating_params(model: Any) -> dict[str, nn.Parameter]:
     """Plain floating parameters (not quantized storage by the test's ground truth)."""
     q = quantized_tensors(model)
     return {n: p for n, p in model.named_parameters() if n not in q}
 
 
-def model_state(model: nn.Module) -> dict[str, Any]:
+def model_state(model: Any) -> dict[str, Any]:
     """Everything prepare may touch: parameter class/dtype/shape/device/requires_grad/bytes, hooks
     (forward, pre-forward) per module, checkpointing flags, use_cache and train mode."""
     from _models import _digest
 
     params = {
-        n: (type(p).__name__, p.dtype, tuple(p.shape), p.device.type, p.requires_grad, p.data_ptr() if p.device.type != "meta" else 0, _digest(p) if p.device.type != "meta" else "")
+        n: (
+            type(p).__name__,
+            p.dtype,
+            tuple(p.shape),
+            p.device.type,
+            p.requires_grad,
+            p.data_ptr() if p.device.type != "meta" else 0,
+            _digest(p) if p.device.type != "meta" else "",
+        )
         for n, p in model.named_parameters(remove_duplicate=False)
     }
     hooks = {
@@ -206,13 +214,13 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def forward_hook_total(model: nn.Module) -> int:
+def forward_hook_total(model: Any) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-def plan_dtype(p: Any, model: nn.Module, name: str) -> torch.dtype:
+def plan_dtype(p: Any, model: Any, name: str) -> torch.dtype:
     """The dtype the plan gives parameter ``name``: its cast target, else its current dtype."""
     for c in p.casts:
         if c.name == name or name in c.tied:
-            return getattr(torch, c.to_dtype.removeprefix("torch."))
-    return dict(model.named_parameters())[name].dtype
+            return getattr(torch, c.to_dtype.removeprefix("torch."))  # type: ignore[no-any-return]
+    return dict(model.named_parameters())[name].dtype  # type: ignore[no-any-return]

@@ -15,7 +15,7 @@ from cases._kinds import CPU_KINDS, bnb4, plain
 REENTRANT = {"use_reentrant": True}
 
 
-def _prepare(model: nn.Module, *args: Any, **options: Any) -> Any:
+def _prepare(model: Any, *args: Any, **options: Any) -> Any:
     p = kbitprep.plan(model, *args, **options)
     if p.warnings:
         with pytest.warns(kbitprep.KbitPrepWarning):
@@ -36,28 +36,36 @@ def _input_grad_hooks(module: nn.Module) -> int:
 # -- C09: a vision-language model ----------------------------------------------------------------
 
 
-def tiny_llava() -> nn.Module:
+def tiny_llava() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
         ),
-        text_config=LlamaConfig(**TINY),
+        text_config=LlamaConfig(**TINY),  # type: ignore[arg-type]
         image_token_index=999,
         image_seq_length=16,
         vision_feature_layer=-1,
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
-    model.is_loaded_in_4bit = True  # as PEFT's and TRL's tests mock it: preparation turns checkpointing on
+    # as PEFT's and TRL's tests mock it: preparation turns checkpointing on
+    model.is_loaded_in_4bit = True  # type: ignore[assignment]
     return model
 
 
-def llava_step(model: nn.Module) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def llava_step(model: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
     peft_model.train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 998, (1, 24), generator=g)
@@ -71,7 +79,7 @@ def llava_step(model: nn.Module) -> tuple[tuple[int, int, int], tuple[int, int, 
     return grad_counts(vision), grad_counts(text)
 
 
-def _llava_entries(model: nn.Module) -> list[nn.Module]:
+def _llava_entries(model: Any) -> list[nn.Module]:
     modules = dict(model.named_modules())
     return [modules["model.vision_tower.embeddings.patch_embedding"], modules["model.language_model.embed_tokens"]]
 
@@ -116,7 +124,7 @@ def _raise(*_a: Any) -> Any:
     raise NotImplementedError("custom-code model")
 
 
-def _break_input_embeddings(model: nn.Module, how: str) -> nn.Module:
+def _break_input_embeddings(model: Any, how: str) -> Any:
     if how == "raises":
         model.get_input_embeddings = _raise
         model.model.get_input_embeddings = _raise
@@ -230,7 +238,7 @@ def test_checkpointing_turned_on_after_prepare_still_gives_gradients_and_one_hoo
     with pytest.warns(kbitprep.KbitPrepWarning):
         kbitprep.prepare(model)
     peft_model = add_lora(model)
-    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)  # type: ignore[operator]
     assert hook_count(model.model.embed_tokens) == 1
     _loss, grads = standard_step(peft_model)
     assert grad_counts(grads)[:2] == (8, 8)
@@ -256,9 +264,9 @@ def test_adapters_get_gradients_whatever_the_call_order(kind: str, order: str, m
     if order == "prepare-lora-then-reentrant":
         if report.gradient_checkpointing:  # a later, different request is applied with a warning
             with pytest.warns(kbitprep.KbitPrepWarning, match="already on"):
-                target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)
+                target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)  # type: ignore[operator]
         else:
-            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)  # type: ignore[operator]
     hooks = {n: _input_grad_hooks(m) for n, m in model.named_modules() if _input_grad_hooks(m)}
     assert all(v == 1 for v in hooks.values()), hooks
     from kbitprep._checkpointing import current_use_reentrant

@@ -6,20 +6,19 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import kbitprep
 from _models import add_lora, grad_counts, hook_count, standard_batch, standard_step
-from cases._kinds import CPU_KINDS, bnb4, intx_config, model_state, need, plain, torchao_direct, torchao_hf
+from cases._kinds import CPU_KINDS, bnb4, intx_config, model_state, need, torchao_direct, torchao_hf
 
 
-def _linear4bit(model: nn.Module) -> list[nn.Module]:
-    import bitsandbytes as bnb
+def _linear4bit(model: Any) -> list[Any]:
+    import bitsandbytes as bnb  # noqa: F401
 
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]  # type: ignore[attr-defined]
 
 
-def _pack_like_an_avx512bf16_cpu(model: nn.Module) -> None:
+def _pack_like_an_avx512bf16_cpu(model: Any) -> None:
     """What one eval no-grad forward does to every Linear4bit on a CPU with AVX512-BF16
     (bitsandbytes 0.50.2 Linear4bit.forward): repack the weight into the CPU-only layout with
     bitsandbytes' own function, and leave the fast-path flag on."""
@@ -41,9 +40,9 @@ def test_prepare_undoes_the_cpu_inference_repack_of_4bit_weights(
     non-zero, and every lora_B changes."""
     from bitsandbytes.functional import has_avx512bf16
 
-    record_property("has_avx512bf16", has_avx512bf16())
+    record_property("has_avx512bf16", has_avx512bf16())  # type: ignore[no-untyped-call]
     with capsys.disabled():
-        print(f"\n[C13] bitsandbytes.functional.has_avx512bf16() = {has_avx512bf16()}")
+        print(f"\n[C13] bitsandbytes.functional.has_avx512bf16() = {has_avx512bf16()}")  # type: ignore[no-untyped-call]
 
     model = bnb4(model_root)
     with torch.no_grad():  # the smoke-test forward, eval mode as from_pretrained leaves it
@@ -95,9 +94,7 @@ def test_kbitprep_never_runs_a_forward(kind: str, model_root: str) -> None:
     module records none."""
     model = CPU_KINDS[kind](model_root)
     calls: list[str] = []
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: calls.append(n)) for n, m in model.named_modules()
-    ]
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append(n)) for n, m in model.named_modules()]
     try:
         kbitprep.plan(model)
         p = kbitprep.plan(model)

@@ -130,7 +130,7 @@ def test_large_4bit_model_upcast_cost_is_almost_all_vocabulary_matrices(tmp_path
     from _models import bnb4_config, tiny_llama
 
     path = tmp_path / "large"
-    tiny_llama(
+    tiny_llama(  # type: ignore[operator]
         torch.bfloat16,
         hidden_size=512,
         intermediate_size=1408,

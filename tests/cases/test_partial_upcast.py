@@ -13,7 +13,7 @@ from torch import nn
 
 import kbitprep
 from _models import add_lora, grad_counts, standard_batch, standard_step
-from cases._kinds import CPU_KINDS, NORM_NAMES, PLAIN_NAMES, bnb4, need, plan_dtype, quantized_tensors
+from cases._kinds import CPU_KINDS, NORM_NAMES, PLAIN_NAMES, bnb4, plan_dtype, quantized_tensors
 
 
 def norm_only(name: str, param: nn.Parameter, module: nn.Module) -> bool:
@@ -30,7 +30,7 @@ def random_half(seed: int) -> Callable[[str, nn.Parameter, nn.Module], bool]:
     return policy
 
 
-def _check_inputs_match(model: nn.Module) -> tuple[list[str], list[Any]]:
+def _check_inputs_match(model: Any) -> tuple[list[str], list[Any]]:
     """Forward pre-hooks (registered after kbitprep's, so they see what the module receives) on
     every module that owns a plain floating parameter: record any floating input whose dtype is
     not the module's own."""
@@ -43,7 +43,13 @@ def _check_inputs_match(model: nn.Module) -> tuple[list[str], list[Any]]:
             continue
         dtype = own[0].dtype
 
-        def check(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mname: str = mname, dtype: torch.dtype = dtype) -> None:
+        def check(
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            mname: str = mname,
+            dtype: torch.dtype = dtype,
+        ) -> None:
             for x in (*args, *kwargs.values()):
                 if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
                     bad.append(f"{mname}: {x.dtype} into {dtype}")

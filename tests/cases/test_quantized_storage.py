@@ -25,7 +25,7 @@ ALWAYS = {"upcast": lambda name, param, module: True}
 POLICIES: dict[str, dict[str, Any]] = {"auto": {}, "all": {"upcast": "all"}, "always-true": ALWAYS}
 
 
-def _prepare(model: nn.Module, **options: Any) -> Any:
+def _prepare(model: Any, **options: Any) -> Any:
     p = kbitprep.plan(model, **options)
     if p.warnings:
         with pytest.warns(kbitprep.KbitPrepWarning):
@@ -44,7 +44,7 @@ def test_bf16_stored_4bit_weights_are_never_cast(policy: str, model_root: str) -
     model = bnb4_bf16_storage(model_root)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert param_bytes(model) == 297_600
-    packed = {n: p for n, p in model.named_parameters() if isinstance(p, bnb.nn.Params4bit)}
+    packed = {n: p for n, p in model.named_parameters() if isinstance(p, bnb.nn.Params4bit)}  # type: ignore[attr-defined]
     assert len(packed) == 14
     assert {tuple(p.shape) for p in packed.values()} == {(1024, 1), (2048, 1)}
     copies = {n: p.detach().clone() for n, p in packed.items()}
@@ -57,7 +57,7 @@ def test_bf16_stored_4bit_weights_are_never_cast(policy: str, model_root: str) -
     after = dict(model.named_parameters())
     for n, p in copies.items():
         q = after[n]
-        assert isinstance(q, bnb.nn.Params4bit) and q.dtype == torch.bfloat16, n
+        assert isinstance(q, bnb.nn.Params4bit) and q.dtype == torch.bfloat16, n  # type: ignore[attr-defined]
         # packed bytes read as bf16 include NaN patterns: compare the raw bits
         assert q.shape == p.shape and torch.equal(q.detach().view(torch.int16), p.view(torch.int16)), n
         assert q.requires_grad is False, n
@@ -170,5 +170,9 @@ def test_any_parameter_subclass_is_storage_and_counted_by_inner_tensors(backend:
 
     int8 = torchao_direct(model_root)
     w = int8.lm_head.weight
-    inner = w.qdata.numel() * 1 + w.scale.numel() * w.scale.element_size() + w.zero_point.numel() * w.zero_point.element_size()
+    inner = (
+        w.qdata.numel() * 1
+        + w.scale.numel() * w.scale.element_size()
+        + w.zero_point.numel() * w.zero_point.element_size()
+    )
     assert tensor_nbytes(w) == inner != w.numel() * w.element_size()
