@@ -89,6 +89,12 @@ class PreparationPlan:
         input_grad_modules: Modules whose output is made to require grad.
         input_casts: ``(module name, dtype)`` of modules whose floating inputs are cast to their
             own dtype because the plan leaves the model in mixed dtypes.
+        output_casts: Modules among ``input_casts`` inside a repeated block (an element of an
+            ``nn.ModuleList``, e.g. a decoder layer) whose output is cast back to the dtype of the
+            input they were given, so every activation inside a block keeps the block's dtype and
+            functional ops that mix them (RoPE's cos/sin with q/k, SDPA's q/k/v) never see two
+            dtypes (C03). Modules outside blocks (final norm, ``lm_head``) return their own dtype,
+            so the output dtypes follow the plan (C04).
         use_cache_off: Whether ``config.use_cache`` is turned off (it is, while checkpointing
             and in the distributed mode).
         distributed: ``"fsdp"`` when the distributed (FSDP) mode is on, else ``None``.
@@ -109,6 +115,7 @@ class PreparationPlan:
     warnings: tuple[str, ...]
     input_grad_modules: tuple[str, ...] = ()
     input_casts: tuple[tuple[str, str], ...] = ()
+    output_casts: tuple[str, ...] = ()
     use_cache_off: bool = False
     distributed: str | None = None
     shard_dtype: str | None = None
@@ -569,6 +576,8 @@ def plan(
             dt2 = _module_dtype(module, final, storage_ids)
             if dt2 is not None and _takes_float_input(module):
                 input_casts.append((prefix + mname, str(dt2)))
+    in_blocks = _names_in_blocks(model)
+    output_casts = tuple(n for n, _d in input_casts if n in in_blocks)
 
     # checkpointing
     gc = opts.use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
@@ -616,6 +625,7 @@ def plan(
         warnings=tuple(found),
         input_grad_modules=tuple(prefix + n for n, _m in entries),
         input_casts=tuple(input_casts),
+        output_casts=output_casts,
         use_cache_off=(gc or dist_on) and use_cache is True,
         distributed="fsdp" if dist_on else None,
         shard_dtype=str(shard_dtype) if shard_dtype is not None else None,
@@ -632,6 +642,17 @@ def _prefix_of(model: nn.Module, base: nn.Module) -> str:
     return ""
 
 
+def _names_in_blocks(model: nn.Module) -> set[str]:
+    """Names of the modules inside a repeated block: below an element of an ``nn.ModuleList``."""
+    names: set[str] = set()
+    for lname, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for index, block in module.named_children():
+                head = f"{lname}.{index}" if lname else index
+                names.update(f"{head}.{n}" if n else head for n, _m in block.named_modules())
+    return names
+
+
 def _takes_float_input(module: nn.Module) -> bool:
     # containers and norms are skipped only when they own no parameters; any module with its own
     # floating parameters may be fed activations of another dtype
@@ -646,11 +667,19 @@ class _InputCast:
 
     _kbitprep_hook = "input_cast"
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, restore_output: bool = False) -> None:
         self.dtype = dtype
+        self.restore_output = restore_output
+        self._given: list[torch.dtype | None] = []  # one entry per forward in flight
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         dtype = self.dtype
+        if self.restore_output:
+            given = next(
+                (x.dtype for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.is_floating_point()),
+                None,
+            )
+            self._given.append(given)
 
         def cast(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
@@ -658,6 +687,30 @@ class _InputCast:
             return x
 
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+class _OutputCast:
+    """Forward hook paired with an :class:`_InputCast`: cast floating outputs back to the dtype
+    the module was given (modules inside repeated blocks, see ``PreparationPlan.output_casts``)."""
+
+    _kbitprep_hook = "output_cast"
+
+    def __init__(self, pre: _InputCast) -> None:
+        self.pre = pre
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        given = self.pre._given.pop() if self.pre._given else None
+        if given is None:
+            return output
+
+        def cast(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != given:
+                return x.to(given)
+            return x
+
+        if isinstance(output, tuple) and not hasattr(output, "_fields"):
+            return tuple(cast(o) for o in output)
+        return cast(output)
 
 
 def _has_input_cast(module: nn.Module) -> bool:
@@ -707,8 +760,13 @@ def _apply_input_casts(model: nn.Module, p: PreparationPlan, log: _UndoLog) -> N
         module = modules.get(mname)
         if module is None or _has_input_cast(module):
             continue
-        handle = module.register_forward_pre_hook(_InputCast(_dtype(dtype)), with_kwargs=True)
+        restore = mname in p.output_casts
+        pre = _InputCast(_dtype(dtype), restore_output=restore)
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
         log.add(handle.remove)
+        if restore:
+            out_handle = module.register_forward_hook(_OutputCast(pre), always_call=True)
+            log.add(out_handle.remove)
 
 
 def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
