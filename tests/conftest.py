@@ -11,6 +11,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    # tests/test_properties.py builds and prepares a model per example: no deadline. "kbitprep"
+    # (the default) keeps that file within ~2 minutes on 2 cores and is derandomized, so CI is
+    # reproducible; "fuzz" (`nox -s fuzz`, --hypothesis-profile=fuzz) explores many more examples.
+    _slow = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("kbitprep", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_slow)
+    settings.register_profile("fuzz", max_examples=500, deadline=None, suppress_health_check=_slow, print_blob=True)
+    settings.load_profile("kbitprep")  # --hypothesis-profile, when given, loads its profile after this
+
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> str:

@@ -591,11 +591,23 @@ def plan(
             "use more memory. Pass use_gradient_checkpointing=False to silence this."
         )
         gc = False
+    kept_on = not gc and already
     if gc:
         if strategy.name == "none" and already and not opts.kwargs_given:
             use_reentrant = ckpt.current_use_reentrant(base)
         else:
             use_reentrant = bool(opts.checkpoint_kwargs["use_reentrant"])
+    elif kept_on:
+        # checkpointing someone already turned on stays on, in its mode, and is reported as on; it
+        # gets the input-grad wiring reentrant checkpointing needs (transformers 4.57's
+        # gradient_checkpointing_enable adds none), else adapters inside it get no gradient
+        gc = True
+        use_reentrant = ckpt.current_use_reentrant(base)
+        found.append(
+            f"Gradient checkpointing was already on (use_reentrant={use_reentrant}) and stays on: "
+            "kbitprep does not turn it off. Call model.gradient_checkpointing_disable() "
+            "(activation_checkpointing_disable on transformers 5) before prepare if you want it off."
+        )
     elif strategy.name == "none" and opts.use_gradient_checkpointing:
         found.append(
             "Gradient checkpointing left off because the model is not quantized (as peft does). "
@@ -626,7 +638,7 @@ def plan(
         input_grad_modules=tuple(prefix + n for n, _m in entries),
         input_casts=tuple(input_casts),
         output_casts=output_casts,
-        use_cache_off=(gc or dist_on) and use_cache is True,
+        use_cache_off=((gc and not kept_on) or dist_on) and use_cache is True,
         distributed="fsdp" if dist_on else None,
         shard_dtype=str(shard_dtype) if shard_dtype is not None else None,
         _options=opts,
