@@ -18,6 +18,7 @@ from kbitprep._errors import (
     NotTrainableError,
     UnknownBackendError,
 )
+from kbitprep._integrations import TrainabilityOverride, mark_trainable
 from kbitprep._prepare import (
     CastItem,
     PreparationPlan,
@@ -53,11 +54,13 @@ __all__ = [
     "PreparationPlan",
     "PreparationReport",
     "QuantBackend",
+    "TrainabilityOverride",
     "UnknownBackendError",
     "available_backends",
     "cast_adapters",
     "detect_backend",
     "get_backend",
+    "mark_trainable",
     "plan",
     "prepare",
     "prepare_model_for_kbit_training",

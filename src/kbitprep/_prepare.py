@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kbitprep import _checkpointing as ckpt
-from kbitprep import _distributed
+from kbitprep import _distributed, _integrations
 from kbitprep._errors import InvalidArgumentError, InvalidModelError, KbitPrepWarning
 from kbitprep._registry import detect_backend, get_backend, unwrap_model
 from kbitprep.backends.base import QuantBackend, tensor_nbytes
@@ -803,7 +803,8 @@ def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, 
         ]
         saved_handles = {a: vars(base).get(a, missing) for a in ("_require_grads_hooks", "_require_grads_hook")}
         hooked = {id(m._forward_hooks) for m in base.modules() if ckpt.has_input_grad_hook(m)}
-        ckpt.enable(base, kwargs)
+        with _integrations.internal_enable():  # past our own guard on a second prepare
+            ckpt.enable(base, kwargs)
         added = [h for h in (getattr(base, "_require_grads_hooks", []) or []) if id(h) not in before_ids]
         # transformers 5's activation_checkpointing_enable calls enable_input_require_grads itself;
         # keep only what the plan reports: no input-grad hook for non-reentrant checkpointing, and
@@ -850,6 +851,8 @@ def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, 
                 continue
             handle = ckpt.add_input_grad_hook(module)
             log.add(handle.remove)
+    # a Trainer / SFTTrainer enabling checkpointing or input grads again adds no second hook (issue 8)
+    _integrations.guard_checkpointing(base, kwargs, log.add)
 
 
 def _apply_use_cache_off(base: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:

@@ -107,6 +107,7 @@ class TorchAoBackend(QuantBackend):
             return [
                 f"transformers marks this torchao config non-trainable ({type(quantizer).__name__}."
                 "is_trainable is False), but its layers pass gradients, so kbitprep prepares it; "
-                "transformers' Trainer will still refuse it (see the Trainer docs page)."
+                "transformers' Trainer will still refuse it unless you opt in with "
+                "kbitprep.mark_trainable(model) (docs/trainer.md)."
             ]
         return []
