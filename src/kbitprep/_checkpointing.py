@@ -116,18 +116,20 @@ def current_use_reentrant(model: nn.Module) -> bool | None:
 
 def enable(model: nn.Module, kwargs: dict[str, Any]) -> None:
     """Turn checkpointing on with ``kwargs`` (``use_reentrant`` explicit)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    hf: Any = model  # a transformers PreTrainedModel; its methods are not on nn.Module
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers 4
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def disable(model: nn.Module) -> None:
     """Turn checkpointing off (transformers 5 name first)."""
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    elif hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    hf: Any = model
+    if hasattr(hf, "activation_checkpointing_disable"):
+        hf.activation_checkpointing_disable()
+    elif hasattr(hf, "gradient_checkpointing_disable"):
+        hf.gradient_checkpointing_disable()
 
 
 def _safe_input_embeddings(module: nn.Module) -> nn.Module | None:

@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import sys
 import warnings
@@ -173,9 +174,9 @@ class _UndoLog:
     """Every mutation ``prepare`` made, in order; ``undo`` reverts them last-first."""
 
     def __init__(self) -> None:
-        self._entries: list[Callable[[], None]] = []
+        self._entries: list[Callable[[], object]] = []
 
-    def add(self, fn: Callable[[], None]) -> None:
+    def add(self, fn: Callable[[], object]) -> None:
         self._entries.append(fn)
 
     def undo(self) -> None:
@@ -244,7 +245,7 @@ def _options(
         keep: tuple[str, ...] = (keep_in_low_precision,)
     else:
         try:
-            keep = tuple(keep_in_low_precision)  # type: ignore[call-overload]
+            keep = tuple(keep_in_low_precision)  # type: ignore[call-overload,arg-type]
         except TypeError:
             raise InvalidArgumentError(
                 f"keep_in_low_precision must be a sequence of name patterns such as ('lm_head',); "
@@ -650,7 +651,7 @@ def _prefix_of(model: nn.Module, base: nn.Module) -> str:
         return ""
     for name, module in model.named_modules():
         if module is base:
-            return name + "."
+            return f"{name}."
     return ""
 
 
@@ -740,7 +741,7 @@ def _apply_freeze(model: nn.Module, inventory: list[_Param], log: _UndoLog) -> N
         if e.adapter or not e.param.requires_grad:
             continue
         e.param.requires_grad_(False)
-        log.add(lambda p=e.param: p.requires_grad_(True))
+        log.add(functools.partial(e.param.requires_grad_, True))
 
 
 def _apply_casts(model: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
@@ -753,11 +754,15 @@ def _apply_casts(model: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
         old = param.dtype
         if to in _WIDENING.get(old, ()):
             param.data = param.data.to(to)
-            log.add(lambda q=param, d=old: setattr(q, "data", q.data.to(d)))
+            log.add(functools.partial(_cast_data, param, old))
         else:  # a narrowing or sideways cast is not exact: keep the original to restore
             original = param.data
             param.data = param.data.to(to)
-            log.add(lambda q=param, o=original: setattr(q, "data", o))
+            log.add(functools.partial(setattr, param, "data", original))
+
+
+def _cast_data(param: nn.Parameter, dtype: torch.dtype) -> None:
+    param.data = param.data.to(dtype)
 
 
 def _dtype(text: str) -> torch.dtype:
@@ -820,8 +825,9 @@ def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, 
                 elif attr in vars(base):
                     delattr(base, attr)
             if added:
-                base._require_grads_hooks = before + added
-                base._require_grads_hook = (before + added)[0]
+                hf: Any = base
+                hf._require_grads_hooks = before + added
+                hf._require_grads_hook = (before + added)[0]
 
         def restore(added: list[Any] = added) -> None:
             for h in added:
@@ -839,7 +845,7 @@ def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, 
 
         log.add(restore)
     if p.use_cache_off:
-        config = base.config
+        config: Any = base.config
         if config.use_cache is True:
             config.use_cache = False
             log.add(lambda: setattr(config, "use_cache", True))

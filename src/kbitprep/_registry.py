@@ -289,7 +289,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
     peft = sys.modules.get("peft")
     if peft is not None and isinstance(model, getattr(peft, "PeftModel", ())):
-        return model.get_base_model()  # type: ignore[no-any-return]
+        wrapped: Any = model
+        base: nn.Module = wrapped.get_base_model()
+        return base
     return model
 
 

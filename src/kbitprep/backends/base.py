@@ -211,7 +211,8 @@ def modules_of_type(model: nn.Module, classes: tuple[type, ...]) -> Iterator[tup
     if not classes:
         return
     for name, module in model.named_modules():
-        if isinstance(module, classes):
+        hit = isinstance(module, classes)  # kept in a variable so the type is not narrowed
+        if hit:
             yield name, module
 
 

@@ -102,9 +102,10 @@ class BitsAndBytesBackend(QuantBackend):
                 if getattr(module, "quant_state", None) is not None:
                     module.quant_state = weight.quant_state
                 repacked += 1
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                flags.append((module, module.support_avx512bf16_for_cpu))
-                module.support_avx512bf16_for_cpu = False
+            layer: Any = module
+            if hasattr(layer, "support_avx512bf16_for_cpu"):
+                flags.append((layer, layer.support_avx512bf16_for_cpu))
+                layer.support_avx512bf16_for_cpu = False
         if repacked:
             logger.info("Restored %d 4-bit weights from bitsandbytes' CPU inference layout", repacked)
 

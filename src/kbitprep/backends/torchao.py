@@ -66,7 +66,7 @@ class TorchAoBackend(QuantBackend):
         cut: list[str] = []
         dynamic = False
         seen: dict[tuple[type, str], bool] = {}
-        for name, module, weight in _quantized_weights(model):
+        for name, _module, weight in _quantized_weights(model):
             if weight.dim() != 2 or not name.endswith("weight"):
                 continue
             act = getattr(weight, "act_quant_kwargs", None) or getattr(weight, "activation_quantization", None)
@@ -98,7 +98,8 @@ class TorchAoBackend(QuantBackend):
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:
         weight = getattr(module, "_parameters", {}).get("weight")
         if weight is not None and is_wrapper_subclass(weight):
-            return weight.dtype
+            dtype: torch.dtype = weight.dtype
+            return dtype
         return None
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
