@@ -47,8 +47,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def fuzz(session: nox.Session) -> None:
-    """Property tests with many more hypothesis examples."""
-    _install_test_env(session)
+    """Property tests with many more hypothesis examples (--hypothesis-profile=fuzz)."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("pytest", "tests/test_properties.py", "--hypothesis-profile=fuzz", *session.posargs, env=ENV)
 
 
@@ -59,13 +60,36 @@ def tests_gpu(session: nox.Session) -> None:
     session.run("pytest", "-m", "gpu", *session.posargs, env=ENV)
 
 
+# transformers 4.57.6 with the peft and accelerate the tests session uses: peft 0.21.2 still supports
+# transformers 4.x. The peft releases of the 4.57 era do not work with torch 2.13: its torchao (0.18)
+# removed LinearActivationQuantizedTensor, which peft 0.17.1 / 0.18.x import in dispatch_torchao, so
+# every plain LoRA fails; peft 0.19.x cannot put LoRA on a layer quantized by torchao.quantize_.
+# gptqmodel is left out: 7.6.0, the release for torch 2.13 on CPU, requires transformers>=5.14.
+TRANSFORMERS4 = ("transformers==4.57.6", "peft==0.21.2", "accelerate==1.15.0")
+# On 4.57, TorchAoHfQuantizer.is_trainable compares quant_type with strings, so every AOBaseConfig
+# (Int8WeightOnlyConfig too) reads as untrainable and kbitprep rightly warns that Trainer will refuse it.
+TORCHAO_4X_WARNING = "ignore:transformers marks this torchao config non-trainable:kbitprep._errors.KbitPrepWarning"
+
+
 @nox.session(default=False)
 def tests_transformers4(session: nox.Session) -> None:
-    """Core and backend tests on transformers 4.57 with the matching peft and accelerate."""
+    """Core and backend tests on transformers 4.57.6 (peft 0.21.2, accelerate 1.15.0)."""
     _install_torch(session)
     session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.install(*PIN, "transformers==4.57.6", "peft==0.17.1", "accelerate==1.10.1")
-    session.run("pytest", "-m", "not slow and not distributed", "-k", "not trainer and not sft and not cli", *session.posargs, env=ENV)
+    session.install(*PIN, *TRANSFORMERS4)
+    # the Trainer / SFT / CLI integrations and the FSDP ranks are transformers 5 work (issues 7, 8, demo)
+    session.run(
+        "pytest",
+        "-m",
+        "not slow and not distributed",
+        "--ignore=tests/test_trainer.py",
+        "--ignore=tests/test_sft.py",
+        "--ignore=tests/test_cli.py",
+        "-W",
+        TORCHAO_4X_WARNING,
+        *session.posargs,
+        env=ENV,
+    )
 
 
 @nox.session

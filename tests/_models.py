@@ -147,3 +147,27 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.dtype, bool, torch.Tenso
 
 def hook_count(module: nn.Module) -> int:
     return len(module._forward_hooks)
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """``is_activation_checkpointing`` on transformers 5; ``is_gradient_checkpointing`` on 4.57,
+    where it is the only name and not deprecated."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
+def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
+    """Turn checkpointing on as a user would, with the name that exists without a deprecation
+    warning (transformers 5 ``activation_checkpointing_enable``, 4.57 ``gradient_checkpointing_enable``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def transformers_major() -> int:
+    """Major version of the installed transformers (read from metadata, nothing imported)."""
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])

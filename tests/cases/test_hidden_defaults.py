@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import pytest
 
 import kbitprep
-from _models import hook_count, param_bytes
+from _models import checkpointing_on, hook_count, param_bytes
 from cases._kinds import CPU_KINDS, bnb4, model_state
 
 
@@ -25,7 +25,7 @@ def test_plan_shows_the_checkpointing_default_and_an_explicit_off(model_root: st
     neither call changes the model (parameters, hooks, checkpointing flags, use_cache)."""
     model = bnb4(model_root)
     before = model_state(model)
-    assert model.config.use_cache is True and model.is_activation_checkpointing is False
+    assert model.config.use_cache is True and checkpointing_on(model) is False
 
     on = kbitprep.plan(model)
     off = kbitprep.plan(model, use_gradient_checkpointing=False)
@@ -47,7 +47,7 @@ def test_explicit_no_checkpointing_is_honoured(entry: str, model_root: str) -> N
     else:
         assert kbitprep.prepare_model_for_kbit_training(model, False) is model
         report = model._kbitprep_report  # type: ignore[assignment]
-    assert model.is_activation_checkpointing is False
+    assert checkpointing_on(model) is False
     assert model.config.use_cache is True
     assert hook_count(model.model.embed_tokens) == 0
     assert report.gradient_checkpointing is False and report.use_reentrant is None
@@ -62,12 +62,12 @@ def test_default_checkpointing_shows_in_the_report_and_undo_restores_it(model_ro
     config.use_cache to True and leaves no forward hook on embed_tokens."""
     model = bnb4(model_root)
     report = kbitprep.prepare(model)
-    assert model.is_activation_checkpointing is True
+    assert checkpointing_on(model) is True
     assert report.to_dict()["gradient_checkpointing"] is True
     assert report.use_cache_off is True and model.config.use_cache is False
 
     report.undo()
-    assert model.is_activation_checkpointing is False
+    assert checkpointing_on(model) is False
     assert model.config.use_cache is True
     assert hook_count(model.model.embed_tokens) == 0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kbitprep
-from _models import add_lora, grad_counts, hook_count, standard_batch, standard_step
+from _models import add_lora, checkpointing_on, grad_counts, hook_count, standard_batch, standard_step
 from cases._kinds import CPU_KINDS, bnb4, intx_config, model_state, need, torchao_direct, torchao_hf
 
 
@@ -155,7 +155,7 @@ def test_torchao_trainability_is_decided_per_layer(route: str, model_root: str) 
         text = str(info.value)
         assert "Int8DynamicActivationInt8WeightConfig" in text or "dynamic activation" in text
         assert model.model.embed_tokens.weight.requires_grad is True
-        assert getattr(model, "is_activation_checkpointing", False) is False
+        assert checkpointing_on(model) is False
         assert hook_count(model.model.embed_tokens) == 0
         assert model_state(model) == before
         return
