@@ -161,9 +161,9 @@ def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None)
     """Turn checkpointing on as a user would, with the name that exists without a deprecation
     warning (transformers 5 ``activation_checkpointing_enable``, 4.57 ``gradient_checkpointing_enable``)."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
 
 
 def transformers_major() -> int:
