@@ -47,6 +47,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
 from _models import add_lora, param_bytes, tiny_llama  # noqa: E402
+from kbitprep.backends.base import tensor_nbytes  # noqa: E402
 
 VOCAB = 128
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -195,10 +196,10 @@ def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> N
 
 
 def _bnb4(storage: torch.dtype) -> Callable[[nn.Linear], nn.Module]:
-    import bitsandbytes as bnb
+    bnb: Any = importlib.import_module("bitsandbytes")
 
     def make(lin: nn.Linear) -> nn.Module:
-        layer = bnb.nn.Linear4bit(
+        layer: nn.Module = bnb.nn.Linear4bit(
             lin.in_features,
             lin.out_features,
             bias=False,
@@ -219,9 +220,8 @@ def _bnb4(storage: torch.dtype) -> Callable[[nn.Linear], nn.Module]:
 
 
 def _bnb8(lin: nn.Linear) -> nn.Module:
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False)
+    bnb: Any = importlib.import_module("bitsandbytes")
+    layer: nn.Module = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False)
     layer.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
     return layer
 
@@ -231,23 +231,22 @@ def _hqq(lin: nn.Linear) -> nn.Module:
 
     cfg = BaseQuantizeConfig(nbits=4, group_size=64)
     cfg["weight_quant_params"]["optimize"] = False  # 40x faster on 2 cores, same error (BACKENDS.md 5.2)
-    return HQQLinear(lin, cfg, compute_dtype=lin.weight.dtype, device="cpu")
+    layer: nn.Module = HQQLinear(lin, cfg, compute_dtype=lin.weight.dtype, device="cpu")
+    return layer
 
 
 def _quantization_config(kind: str) -> Any:
+    transformers: Any = importlib.import_module("transformers")
     if kind.startswith("torchao"):
         from torchao.quantization import Int8WeightOnlyConfig
-        from transformers import TorchAoConfig
 
-        return TorchAoConfig(Int8WeightOnlyConfig())
-    from transformers import BitsAndBytesConfig
-
+        return transformers.TorchAoConfig(Int8WeightOnlyConfig())
     if kind == "bnb8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _turn_on_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
+def _turn_on_checkpointing(model: Any, use_reentrant: bool) -> None:
     kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -256,7 +255,7 @@ def _turn_on_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
 
 
 def build(s: Scenario) -> nn.Module:
-    model = tiny_llama(DTYPES[s.dtype], num_hidden_layers=s.layers, tie_word_embeddings=s.tie, vocab_size=VOCAB)
+    model: Any = tiny_llama(DTYPES[s.dtype], num_hidden_layers=s.layers, tie_word_embeddings=s.tie, vocab_size=VOCAB)
     if s.tie:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     if s.kind in ("bnb4", "bnb4-bf16-storage"):
@@ -285,9 +284,8 @@ def build(s: Scenario) -> nn.Module:
         model.hf_quantizer = SimpleNamespace(quantization_config=_quantization_config(s.kind), is_trainable=True)
     if s.already_checkpointing is not None:
         _turn_on_checkpointing(model, s.already_checkpointing)
-    if s.adapters == "before":
-        model = add_lora(model)
-    return model
+    built: nn.Module = add_lora(model) if s.adapters == "before" else model
+    return built
 
 
 # -- observing --------------------------------------------------------------------------------
@@ -410,7 +408,8 @@ def _current_use_reentrant(model: nn.Module) -> bool:
     # transformers 4.57 and 5 keep functools.partial(checkpoint, **kwargs) on each checkpointed layer
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False) is True:
-            return bool(m._gradient_checkpointing_func.keywords.get("use_reentrant", True))
+            func: Any = m._gradient_checkpointing_func
+            return bool(func.keywords.get("use_reentrant", True))
     raise AssertionError("checkpointing is off")
 
 
@@ -456,7 +455,7 @@ def check_prepare(model: nn.Module, s: Scenario) -> tuple[kbitprep.PreparationRe
     assert changed == planned
     params = dict(model.named_parameters(remove_duplicate=False))
     for c in p.casts:
-        assert c.bytes_after == kbitprep.backends.base.tensor_nbytes(params[c.name])
+        assert c.bytes_after == tensor_nbytes(params[c.name])
         for other in c.tied:
             assert params[other] is params[c.name], f"{other} no longer tied to {c.name}"
     assert param_bytes(model) - bytes_before == p.bytes_delta
