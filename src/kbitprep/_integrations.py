@@ -105,8 +105,15 @@ def _requested(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Mapping[s
 def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _GuardState = getattr(self, _STATE)
     original = getattr(type(self), state.enable_name).__get__(self)
-    if _INTERNAL.get() or not ckpt.is_enabled(self):
+    if _INTERNAL.get():
         return original(*args, **kwargs)
+    if not ckpt.is_enabled(self):
+        # turned on after prepare (a trainer, or the user): adapters must still get gradients
+        # whatever the call order (C11); transformers 4.57 adds no input-grad hook here
+        result = original(*args, **kwargs)
+        if ckpt.current_use_reentrant(self):
+            _ensure_entry_hooks(self, state)
+        return result
     requested, every_n_layers, offload = _requested(args, kwargs)
     current = current_kwargs(self) or {}
     default_layout = every_n_layers == 1 and not offload

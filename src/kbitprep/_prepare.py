@@ -787,9 +787,11 @@ def _apply_input_casts(model: nn.Module, p: PreparationPlan, log: _UndoLog) -> N
 
 
 def _apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
-    if not p.gradient_checkpointing:
-        return
     opts: _Options = p._options
+    if not p.gradient_checkpointing:
+        # checkpointing turned on later (by a trainer or by hand) still gets the input-grad wiring
+        _integrations.guard_checkpointing(base, dict(opts.checkpoint_kwargs), log.add)
+        return
     kwargs = dict(opts.checkpoint_kwargs)
     kwargs["use_reentrant"] = bool(p.use_reentrant)
     was_on = ckpt.is_enabled(base)
