@@ -34,9 +34,15 @@ def _saved(dtype_name: str = "bfloat16") -> str:
 
 
 def _backend(name: str) -> type[QuantBackend]:
-    from kbitprep._registry import _registry
+    """The built-in class, imported directly: going through the registry here would read the
+    plugin entry points at collection time, a side effect other tests must not see."""
+    import importlib
 
-    return _registry.get_class(name)
+    from kbitprep._registry import _BUILTINS
+
+    module, _, attr = _BUILTINS[name][0].partition(":")
+    cls: type[QuantBackend] = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 @_needs("bitsandbytes")
