@@ -37,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -349,7 +350,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("kbitprep / baseline (log scale; lower is better for time and bytes; black tick = target)")
-    ax.set_title(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
