@@ -31,9 +31,9 @@ def tiny_llama(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: 
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**overrides)).to(dtype)
+    model = LlamaForCausalLM(tiny_config(**overrides)).to(dtype)  # type: ignore[arg-type]
     model.eval()
-    return model
+    return model  # type: ignore[no-any-return]
 
 
 @functools.cache
@@ -42,7 +42,7 @@ def saved_tiny(root: str, dtype_name: str = "bfloat16", tie: bool = False) -> st
     dtype = getattr(torch, dtype_name)
     path = Path(root) / f"tiny-{dtype_name}{'-tied' if tie else ''}"
     if not (path / "config.json").exists():
-        tiny_llama(dtype, tie_word_embeddings=tie).save_pretrained(path)
+        tiny_llama(dtype, tie_word_embeddings=tie).save_pretrained(path)  # type: ignore[operator]
     return str(path)
 
 
@@ -56,7 +56,7 @@ def bnb4_config(**kw: Any) -> Any:
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     args.update(kw)
-    return BitsAndBytesConfig(**args)
+    return BitsAndBytesConfig(**args)  # type: ignore[no-untyped-call]
 
 
 def load(path: str, dtype: torch.dtype = torch.bfloat16, quantization_config: Any = None) -> nn.Module:
