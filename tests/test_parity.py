@@ -76,7 +76,19 @@ GRAD_RTOL = 1e-5
 GRAD_ATOL = 1e-8
 
 _ROWS: dict[str, dict[str, str]] = {}
-_COLUMNS = ("backend", "detected", "params", "dtype", "requires_grad", "checkpointing", "use_reentrant", "loss peft", "loss kbitprep", "loss", "LoRA grads")
+_COLUMNS = (
+    "backend",
+    "detected",
+    "params",
+    "dtype",
+    "requires_grad",
+    "checkpointing",
+    "use_reentrant",
+    "loss peft",
+    "loss kbitprep",
+    "loss",
+    "LoRA grads",
+)
 
 
 def _format_table() -> str:
@@ -162,7 +174,11 @@ def _run(path: str, make_config: Callable[[], Any], who: str) -> dict[str, Any]:
 
 
 def _diff(a: dict[str, tuple[torch.dtype, bool]], b: dict[str, tuple[torch.dtype, bool]], index: int) -> list[str]:
-    out = [f"{n}: peft {a[n][index]} vs kbitprep {b.get(n, (None, None))[index]}" for n in a if a[n][index] != b.get(n, (None, None))[index]]
+    out = [
+        f"{n}: peft {a[n][index]} vs kbitprep {b.get(n, (None, None))[index]}"
+        for n in a
+        if a[n][index] != b.get(n, (None, None))[index]
+    ]
     out += [f"{n}: only in kbitprep" for n in b if n not in a]
     return out
 

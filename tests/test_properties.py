@@ -88,7 +88,6 @@ QUANT_METHOD = {
 }
 
 
-
 def _peft_lora_on_bare_torchao() -> bool:
     """Whether this peft attaches LoRA to a torchao layer quantized without transformers (peft
     0.19 requires ``get_apply_tensor_subclass``, found only on ``model.hf_quantizer``)."""
@@ -243,7 +242,9 @@ def _quantization_config(kind: str) -> Any:
         return transformers.TorchAoConfig(Int8WeightOnlyConfig())
     if kind == "bnb8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
 
 
 def _turn_on_checkpointing(model: Any, use_reentrant: bool) -> None:
@@ -268,7 +269,9 @@ def build(s: Scenario) -> nn.Module:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         # decoder linears only, as transformers' TorchAoHfQuantizer does (lm_head stays float)
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn)
+        quantize_(
+            model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn
+        )
     method = QUANT_METHOD.get(s.kind)
     if method is not None and s.evidence == "attributes":
         model.is_quantized = True
@@ -343,7 +346,9 @@ class State:
     storage: dict[str, str]
     keep_alive: list[Any]
 
-    def diff(self, other: State, *, what: tuple[str, ...] = ("params", "hooks", "checkpointing", "extras", "storage")) -> list[str]:
+    def diff(
+        self, other: State, *, what: tuple[str, ...] = ("params", "hooks", "checkpointing", "extras", "storage")
+    ) -> list[str]:
         out: list[str] = []
         for field_name in what:
             mine, theirs = getattr(self, field_name), getattr(other, field_name)
@@ -470,7 +475,9 @@ def check_prepare(model: nn.Module, s: Scenario) -> tuple[kbitprep.PreparationRe
     for name in p.input_grad_modules:
         assert kbitprep._checkpointing.has_input_grad_hook(modules[name])
     for name, dtype in p.input_casts:
-        hooks = [h for h in modules[name]._forward_pre_hooks.values() if getattr(h, "_kbitprep_hook", None) == "input_cast"]
+        hooks = [
+            h for h in modules[name]._forward_pre_hooks.values() if getattr(h, "_kbitprep_hook", None) == "input_cast"
+        ]
         assert len(hooks) == 1 and str(hooks[0].dtype) == dtype
 
     # a second prepare changes nothing and records nothing
@@ -528,4 +535,3 @@ def test_prepare_invariants_hold_for_any_model_and_options(s: Scenario) -> None:
         assert not problems, f"undo did not restore: {problems}"
         report.undo()  # a second undo does nothing
         assert not before.diff(observe(model, base))
-

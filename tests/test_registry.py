@@ -302,7 +302,9 @@ def test_detection_in_each_tier(label: str, model_root: str) -> None:
     if legacy != "quantization_method":
         assert legacy in detect().reason
     _strip(model, "is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "config._is_quantized")
-    assert not any(hasattr(model, a) for a in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"))
+    assert not any(
+        hasattr(model, a) for a in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit")
+    )
     assert layers in detect().reason  # tier 3: the layers themselves
 
 

@@ -137,7 +137,9 @@ def _state(model: nn.Module) -> dict[str, Any]:
             n: (p.dtype, p.requires_grad, type(p).__name__, _digest(p))
             for n, p in model.named_parameters(remove_duplicate=False)
         },
-        "data_ptr": {n: p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False) if type(p) is nn.Parameter},
+        "data_ptr": {
+            n: p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False) if type(p) is nn.Parameter
+        },
         "hooks": _hooks(model),
         "checkpointing": _checkpointing(model),
         "use_cache": getattr(config, "use_cache", None),
@@ -316,7 +318,9 @@ def test_drop_in_twice_adds_no_second_hook(model_root: str) -> None:
 
 
 @pytest.mark.parametrize(("label", "expected_delta", "expected_casts"), [("bnb4", 128_640, 6), ("bf16", 292_480, 20)])
-def test_tied_weights_cast_once_and_stay_tied(label: str, expected_delta: int, expected_casts: int, model_root: str) -> None:
+def test_tied_weights_cast_once_and_stay_tied(
+    label: str, expected_delta: int, expected_casts: int, model_root: str
+) -> None:
     model = _load(model_root, label, tie=True)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert head.weight is emb.weight, "fixture: the tied checkpoint must load tied"
@@ -357,7 +361,11 @@ def test_undo_restores_checkpointing_that_was_already_on_in_another_mode(model_r
     assert _use_reentrant_flags(model) == {False}
     report.undo()
     assert _use_reentrant_flags(model) == {True}
-    _assert_same(before, _state(model), ("params", "hooks", "checkpointing", "use_cache", "instance_attrs", "require_grads_hooks"))
+    _assert_same(
+        before,
+        _state(model),
+        ("params", "hooks", "checkpointing", "use_cache", "instance_attrs", "require_grads_hooks"),
+    )
 
 
 def _use_reentrant_flags(model: nn.Module) -> set[Any]:

@@ -138,9 +138,11 @@ def find_gguf() -> Path:
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (
-        path / "tokenizer.json"
-    ).is_file()
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    )
 
 
 def default_model_dir(notify: Callable[[str], None] = logger.info) -> Path:
@@ -441,7 +443,9 @@ class DemoOptions:
     seed: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_targets: str | tuple[str, ...] | None = None  # None: peft's default for the architecture (q_proj, v_proj for Llama)
+    lora_targets: str | tuple[str, ...] | None = (
+        None  # None: peft's default for the architecture (q_proj, v_proj for Llama)
+    )
 
 
 @dataclass(slots=True)
@@ -571,7 +575,11 @@ def run_demo(options: DemoOptions, reporter: Reporter | None = None) -> DemoResu
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(options.seed)
-    targets = options.lora_targets if options.lora_targets is None or isinstance(options.lora_targets, str) else list(options.lora_targets)
+    targets = (
+        options.lora_targets
+        if options.lora_targets is None or isinstance(options.lora_targets, str)
+        else list(options.lora_targets)
+    )
     lora = LoraConfig(
         r=options.lora_r,
         lora_alpha=options.lora_alpha,
@@ -651,9 +659,13 @@ def save_loss_plot(result: DemoResult, path: str | Path) -> None:
     steps = list(range(1, len(result.train_losses) + 1))
     ax.plot(steps, result.train_losses, marker=".", label="training loss (batch)")
     if result.loss_before is not None:
-        ax.axhline(result.loss_before, color="tab:red", linestyle="--", label=f"held-out before {result.loss_before:.3f}")
+        ax.axhline(
+            result.loss_before, color="tab:red", linestyle="--", label=f"held-out before {result.loss_before:.3f}"
+        )
     if result.loss_after is not None:
-        ax.axhline(result.loss_after, color="tab:green", linestyle="--", label=f"held-out after {result.loss_after:.3f}")
+        ax.axhline(
+            result.loss_after, color="tab:green", linestyle="--", label=f"held-out after {result.loss_after:.3f}"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"kbitprep demo: {result.model}, {result.quantization} ({result.backend})")

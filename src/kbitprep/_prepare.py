@@ -130,9 +130,7 @@ class PreparationPlan:
                 continue
             value = getattr(self, f.name)
             if f.name == "casts":
-                value = [
-                    {**asdict(c), "shape": list(c.shape), "tied": list(c.tied)} for c in value
-                ]
+                value = [{**asdict(c), "shape": list(c.shape), "tied": list(c.tied)} for c in value]
             elif isinstance(value, tuple):
                 value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[f.name] = value
@@ -142,7 +140,9 @@ class PreparationPlan:
         lines = [f"backend: {self.backend} ({self.reason})"]
         if self.casts:
             width = max(len(c.name) for c in self.casts)
-            lines.append(f"  {'parameter':<{width}}  {'shape':<14} {'from':<15} {'to':<15} {'bytes before':>13} {'bytes after':>12}")
+            lines.append(
+                f"  {'parameter':<{width}}  {'shape':<14} {'from':<15} {'to':<15} {'bytes before':>13} {'bytes after':>12}"
+            )
             for c in self.casts:
                 shape = "x".join(str(s) for s in c.shape) or "()"
                 lines.append(
@@ -325,11 +325,7 @@ def _matches(pattern: str, names: Iterable[str]) -> bool:
     for name in names:
         module = name.rpartition(".")[0]
         for candidate in (name, module):
-            if (
-                candidate == pattern
-                or candidate.endswith("." + pattern)
-                or fnmatch.fnmatchcase(candidate, pattern)
-            ):
+            if candidate == pattern or candidate.endswith("." + pattern) or fnmatch.fnmatchcase(candidate, pattern):
                 return True
     return False
 
@@ -542,9 +538,16 @@ def plan(
                 "against model.named_parameters() (exact name, dotted suffix such as 'lm_head', or a glob)."
             )
     bytes_delta = sum(c.bytes_after - c.bytes_before for c in casts)
-    if casts and opts.upcast == "all" and not any(
-        strategy.should_upcast(e.names[0], e.param, e.module) for e in inventory if not e.storage and e.param.is_floating_point()
-    ) and strategy.name not in ("none",):
+    if (
+        casts
+        and opts.upcast == "all"
+        and not any(
+            strategy.should_upcast(e.names[0], e.param, e.module)
+            for e in inventory
+            if not e.storage and e.param.is_floating_point()
+        )
+        and strategy.name not in ("none",)
+    ):
         found.append(
             f"upcast='all' on a {strategy.name} model: its quantized kernels expect their own compute "
             "dtype; kbitprep casts the inputs of those layers back to it, but the upcast costs "
@@ -559,7 +562,9 @@ def plan(
 
     # input casts where dtypes end mixed
     input_casts: list[tuple[str, str]] = []
-    floating_final = {final[id(e.param)] for e in inventory if not e.storage and not e.adapter and e.param.is_floating_point()}
+    floating_final = {
+        final[id(e.param)] for e in inventory if not e.storage and not e.adapter and e.param.is_floating_point()
+    }
     layer_dtypes: list[tuple[str, torch.dtype]] = []
     for mname, module in base.named_modules():
         dt = strategy.input_dtype(module)
@@ -685,7 +690,9 @@ class _InputCast:
         self.restore_output = restore_output
         self._given: list[torch.dtype | None] = []  # one entry per forward in flight
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         dtype = self.dtype
         if self.restore_output:
             given = next(

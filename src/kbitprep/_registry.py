@@ -175,7 +175,7 @@ def _check_class(cls: object) -> None:
         )
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise InvalidArgumentError(
-            f"Backend class {cls.__qualname__} has no `name`; set the class attribute `name = \"...\"`."
+            f'Backend class {cls.__qualname__} has no `name`; set the class attribute `name = "..."`.'
         )
 
 
@@ -249,8 +249,7 @@ def get_backend(name: str) -> QuantBackend:
     if hint is not None:
         lib = _BUILTINS[name][1]
         raise BackendUnavailableError(
-            f"The {name!r} backend needs the {lib!r} library, which is not installed. "
-            f"Install it with `{hint}`.",
+            f"The {name!r} backend needs the {lib!r} library, which is not installed. Install it with `{hint}`.",
             install_hint=hint,
         )
     instance = _registry.instances.get(name)

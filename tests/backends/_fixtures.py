@@ -64,7 +64,9 @@ def word_tokenizer() -> Any:
 
 def calibration_texts(n: int = 16, length: int = 32) -> list[str]:
     g = torch.Generator().manual_seed(0)
-    return [" ".join(f"w{int(i)}" for i in torch.randint(4, TINY["vocab_size"], (length,), generator=g)) for _ in range(n)]
+    return [
+        " ".join(f"w{int(i)}" for i in torch.randint(4, TINY["vocab_size"], (length,), generator=g)) for _ in range(n)
+    ]
 
 
 def quantize_gptq(src: str, dst: str, device_map: str = "cpu") -> str:
@@ -77,7 +79,9 @@ def quantize_gptq(src: str, dst: str, device_map: str = "cpu") -> str:
     cfg = GPTQConfig(
         bits=4, group_size=32, desc_act=False, sym=True, dataset=calibration_texts(), tokenizer=word_tokenizer()
     )
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, device_map=device_map, quantization_config=cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float16, device_map=device_map, quantization_config=cfg
+    )
     model.save_pretrained(dst)
     return dst
 
@@ -107,7 +111,7 @@ def write_aqlm_checkpoint(
         tensors[name] = param.contiguous()
     for name, linear in decoder_linears(base):
         out_f, in_f = linear.weight.shape
-        high = 2 ** nbits
+        high = 2**nbits
         codes = torch.randint(0, high, (out_f, in_f // 8, num_codebooks), generator=g)
         codes = (codes - 2 ** (nbits - 1)).to(code_dtype)  # stored signed, as aqlm does
         tensors[f"{name}.codes"] = codes

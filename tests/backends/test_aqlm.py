@@ -70,7 +70,9 @@ def test_aqlm_storage_is_never_cast_and_lm_head_is_a_plain_cast(aqlm_dirs: dict[
     before = storage_state(model, backend)
     report = prepare_quietly(model, upcast)
     after = storage_state(model, backend)
-    assert {n: (s[0], s[1], s[2], s[4]) for n, s in after.items()} == {n: (s[0], s[1], s[2], s[4]) for n, s in before.items()}
+    assert {n: (s[0], s[1], s[2], s[4]) for n, s in after.items()} == {
+        n: (s[0], s[1], s[2], s[4]) for n, s in before.items()
+    }
     assert not any(s[3] for s in after.values())
     names = {c.name for c in report.casts}
     if upcast == "auto":

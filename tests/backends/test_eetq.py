@@ -77,7 +77,9 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, EetqLinear)]
 
 
-@pytest.mark.parametrize("flag", ["all", "attribute", "config", None], ids=["quantizer", "attribute", "config", "modules"])
+@pytest.mark.parametrize(
+    "flag", ["all", "attribute", "config", None], ids=["quantizer", "attribute", "config", "modules"]
+)
 def test_eetq_is_detected_in_every_tier_and_never_upcast(flag: str | None) -> None:
     """EETQ found by quantizer, quantization_method, config object or EetqLinear class; auto casts nothing."""
     model = eetq_tiny(flag=flag)
@@ -107,7 +109,9 @@ def test_eetq_int8_weights_and_scales_are_storage(upcast: Any) -> None:
     assert before[f"{q}.weight_scales"][:4] == (torch.float16, (64,), 128, True)
     report = prepare_quietly(model, upcast)
     after = storage_state(model, backend)
-    assert {n: (s[0], s[1], s[2], s[4]) for n, s in after.items()} == {n: (s[0], s[1], s[2], s[4]) for n, s in before.items()}
+    assert {n: (s[0], s[1], s[2], s[4]) for n, s in after.items()} == {
+        n: (s[0], s[1], s[2], s[4]) for n, s in before.items()
+    }
     assert not any(s[3] for s in after.values())
     assert len(report.casts) == (0 if upcast == "auto" else N_PLAIN)
     assert not any("weight_scales" in c.name or c.name.endswith("proj.weight") for c in report.casts)

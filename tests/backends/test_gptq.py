@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 # get_backend("gptq") needs gptqmodel, also for the toy layer; 7.6.0, the release for torch 2.13 on
 # CPU, requires transformers>=5.14, so the transformers 4.57 session has none
-pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0; it needs transformers>=5.14)")
+pytest.importorskip(
+    "gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0; it needs transformers>=5.14)"
+)
 
 PLAIN = {
     "model.embed_tokens.weight",
@@ -260,7 +262,10 @@ def test_toy_gptq_layer_flagged_in_one_tier_is_not_upcast_and_trains(tier: str) 
     assert sum(isinstance(m, ToyGptqLinear) for m in model.modules()) == N_LINEARS
     detection = detect_backend(model)
     assert detection.backend == "gptq"
-    assert detection.reason in ("model.quantization_method is 'gptq'", "model.config.quantization_config['quant_method'] is 'gptq'")
+    assert detection.reason in (
+        "model.quantization_method is 'gptq'",
+        "model.config.quantization_config['quant_method'] is 'gptq'",
+    )
     report = prepare(model)
     assert (report.casts, report.bytes_delta) == ((), 0)
     params = dict(model.named_parameters())

@@ -226,7 +226,10 @@ def test_hqq_on_cuda_trains_one_step() -> None:
 
     model = tiny_llama(torch.bfloat16).cuda()
     for name, linear in decoder_linears(model):
-        model.set_submodule(name, HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16, device="cuda"))
+        model.set_submodule(
+            name,
+            HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16, device="cuda"),
+        )
     backend = get_backend("hqq")
     before = storage_state(model, backend)
     report = prepare(model)

@@ -82,7 +82,10 @@ def llava_step(model: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 def _llava_entries(model: Any) -> list[nn.Module]:
     modules = dict(model.named_modules())
     # transformers 4.57 nests the CLIP tower one level deeper (vision_tower.vision_model.embeddings)
-    vision = modules.get("model.vision_tower.embeddings.patch_embedding") or modules["model.vision_tower.vision_model.embeddings.patch_embedding"]
+    vision = (
+        modules.get("model.vision_tower.embeddings.patch_embedding")
+        or modules["model.vision_tower.vision_model.embeddings.patch_embedding"]
+    )
     return [vision, modules["model.language_model.embed_tokens"]]
 
 

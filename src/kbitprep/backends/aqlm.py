@@ -68,8 +68,10 @@ def _not_to_quantize(model: nn.Module) -> list[str] | None:
         candidates.append(getattr(quantizer, "quantization_config", None))
     candidates.append(getattr(getattr(model, "config", None), "quantization_config", None))
     for qc in candidates:
-        value = qc.get("linear_weights_not_to_quantize") if isinstance(qc, dict) else getattr(
-            qc, "linear_weights_not_to_quantize", None
+        value = (
+            qc.get("linear_weights_not_to_quantize")
+            if isinstance(qc, dict)
+            else getattr(qc, "linear_weights_not_to_quantize", None)
         )
         if isinstance(value, Iterable) and not isinstance(value, str):
             return [str(v) for v in value]

@@ -156,7 +156,7 @@ class GptqBackend(QuantBackend):
                 "linear_mode='inference': an eval-mode forward under torch.no_grad already ran "
                 "and gptqmodel repacked their weights for an int4 CPU matmul that has no backward, "
                 "so adapters would silently get no gradient. Reload the model and call prepare "
-                "before any forward, or load it with GPTQConfig(bits=4, backend=\"gptq_torch\") "
+                'before any forward, or load it with GPTQConfig(bits=4, backend="gptq_torch") '
                 "(TorchLinear has no such mode)."
             )
 

@@ -48,7 +48,9 @@ class TorchAoBackend(QuantBackend):
                 counts[type(param).__name__] = counts.get(type(param).__name__, 0) + 1
             if not counts:
                 return None
-            return "found " + ", ".join(f"{n} torchao {cls} weight{'s' if n != 1 else ''}" for cls, n in sorted(counts.items()))
+            return "found " + ", ".join(
+                f"{n} torchao {cls} weight{'s' if n != 1 else ''}" for cls, n in sorted(counts.items())
+            )
 
         return detect_in_tiers(model, self.quant_methods, layers)
 
