@@ -24,7 +24,7 @@ from kbitprep import _checkpointing as ckpt
 from kbitprep import _distributed, _integrations
 from kbitprep._errors import InvalidArgumentError, InvalidModelError, KbitPrepWarning
 from kbitprep._registry import detect_backend, get_backend, unwrap_model
-from kbitprep.backends.base import QuantBackend, tensor_nbytes
+from kbitprep.backends.base import QuantBackend, is_wrapper_subclass, tensor_nbytes
 
 __all__ = [
     "CastItem",
@@ -39,6 +39,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UpcastPolicy: TypeAlias = "Literal['auto', 'all', 'none'] | Callable[[str, nn.Parameter, nn.Module], bool]"
+
+_UPCAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # casts from these to a wider float are exact, so undo casts back instead of keeping copies
 _WIDENING = {
@@ -237,9 +239,10 @@ def _options(
         raise InvalidArgumentError(
             f"upcast must be 'auto', 'all', 'none' or a callable (name, param, module) -> bool; got {upcast!r}."
         )
-    if not isinstance(upcast_dtype, torch.dtype) or not upcast_dtype.is_floating_point:
+    if not isinstance(upcast_dtype, torch.dtype) or upcast_dtype not in _UPCAST_DTYPES:
         raise InvalidArgumentError(
-            f"upcast_dtype must be a floating torch.dtype such as torch.float32; got {upcast_dtype!r}."
+            f"upcast_dtype must be one of torch.float32, torch.float64, torch.bfloat16, torch.float16 "
+            f"(a compute dtype parameters can be kept in; float8 types cannot); got {upcast_dtype!r}."
         )
     if isinstance(keep_in_low_precision, str):
         keep: tuple[str, ...] = (keep_in_low_precision,)
@@ -359,7 +362,14 @@ def _resolve_backend(base: nn.Module, name: str) -> tuple[QuantBackend, str, lis
         ]
         return get_backend(detection.backend), detection.reason, notes
     backend = get_backend(name)
-    return backend, f"backend={name!r} was passed", []
+    detected = detect_backend(base)
+    notes = []
+    if detected.backend != name:
+        notes.append(
+            f"backend={name!r} was passed, but the model looks like {detected.backend!r} ({detected.reason}); "
+            f"the {name!r} policy is applied as asked. Pass backend='auto' to use the detected one."
+        )
+    return backend, f"backend={name!r} was passed", notes
 
 
 def _module_dtype(module: nn.Module, final: Mapping[int, torch.dtype], storage: set[int]) -> torch.dtype | None:
@@ -778,6 +788,22 @@ def _dtype(text: str) -> torch.dtype:
     return value
 
 
+def _retarget_input_casts(model: nn.Module, strategy: QuantBackend, log: _UndoLog) -> None:
+    """Make every input-cast hook (this call's or an earlier prepare's) cast to its module's
+    current dtype, so a later prepare with other options can never leave a stale cast (C03)."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if not isinstance(hook, _InputCast):
+                continue
+            want = strategy.input_dtype(module)
+            if want is None:
+                own = [q for q in module.parameters(recurse=False) if q.is_floating_point() and not is_wrapper_subclass(q)]
+                want = own[0].dtype if own else None
+            if want is not None and want != hook.dtype:
+                log.add(functools.partial(setattr, hook, "dtype", hook.dtype))
+                hook.dtype = want
+
+
 def _apply_input_casts(model: nn.Module, p: PreparationPlan, log: _UndoLog) -> None:
     modules = dict(model.named_modules())
     for mname, dtype in p.input_casts:
@@ -923,6 +949,7 @@ def prepare(
         _apply_freeze(model, _inventory(model, strategy), log)
         _apply_casts(model, p, log)
         _apply_input_casts(model, p, log)
+        _retarget_input_casts(model, strategy, log)
         _apply_checkpointing(model, base, p, log)
         _apply_use_cache_off(base, p, log)
     except BaseException:

@@ -201,6 +201,10 @@ def register_backend(cls: _B | None = None, *, replace: bool = False) -> _B | Ca
 
     def decorate(klass: _B) -> _B:
         _check_class(klass)
+        if klass.name == "auto":
+            raise InvalidArgumentError(
+                "A backend may not be named 'auto': backend='auto' always means 'detect'. Rename it."
+            )
         _registry.load_plugins()
         name = klass.name
         taken = name in _BUILTINS or name in _registry.classes
