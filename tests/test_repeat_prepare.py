@@ -61,7 +61,7 @@ def test_upcast_dtype_must_be_a_compute_dtype(model_root: str) -> None:
 
 def test_a_forced_backend_that_disagrees_with_detection_is_named(model_root: str) -> None:
     model = load(saved_tiny(model_root), quantization_config=bnb4_config())
-    p = kbitprep.plan(model, backend="gptq")
+    p = kbitprep.plan(model, backend="hqq")
     assert any("looks like 'bitsandbytes'" in w for w in p.warnings)
     assert not any("looks like" in w for w in kbitprep.plan(model, backend="bitsandbytes").warnings)
 
