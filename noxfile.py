@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "tests_transformers4"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
@@ -77,6 +77,8 @@ def tests_transformers4(session: nox.Session) -> None:
     _install_torch(session)
     session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.install(*PIN, *TRANSFORMERS4)
+    for plugin in ("tests/plugins/goodplugin", "tests/plugins/brokenplugin"):
+        session.install(*PIN, "--no-deps", "-e", plugin)
     # the Trainer / SFT / CLI integrations and the FSDP ranks are transformers 5 work (issues 7, 8, demo)
     session.run(
         "pytest",
