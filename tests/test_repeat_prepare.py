@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
-from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
 
 import kbitprep
+from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
 from kbitprep.backends.base import QuantBackend
 
 
@@ -75,3 +75,23 @@ def test_no_backend_may_be_named_auto() -> None:
 
     with pytest.raises(kbitprep.InvalidArgumentError, match="auto"):
         kbitprep.register_backend(Auto)
+
+
+def test_reports_undone_out_of_order_still_restore_the_model(model_root: str) -> None:
+    """Undoing an earlier report first also undoes the later ones on the same model."""
+    from _models import checkpointing_on, snapshot
+
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    before = snapshot(model)
+    use_cache = model.config.use_cache
+    r1 = _quiet_prepare(model)
+    r2 = _quiet_prepare(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    r1.undo()
+    r2.undo()
+    assert not checkpointing_on(model)
+    assert model.config.use_cache is use_cache
+    assert len(model.model.embed_tokens._forward_hooks) == 0
+    for name, (dtype, rg, value) in before.items():
+        p = dict(model.named_parameters())[name]
+        assert (p.dtype, p.requires_grad) == (dtype, rg), name
+        assert torch.equal(p.detach(), value), name

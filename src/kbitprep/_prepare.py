@@ -13,6 +13,7 @@ import functools
 import logging
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeAlias
@@ -173,17 +174,37 @@ class PreparationPlan:
 
 
 class _UndoLog:
-    """Every mutation ``prepare`` made, in order; ``undo`` reverts them last-first."""
+    """Every mutation ``prepare`` made, in order; ``undo`` reverts them last-first.
 
-    def __init__(self) -> None:
+    The logs of one model form a stack: undoing a report first undoes every later report on the
+    same model, so reports undone out of order still bring the model back to its state before
+    the report being undone.
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
         self._entries: list[Callable[[], object]] = []
+        self._stack: list[_UndoLog] | None = None
+        if model is not None:
+            self._stack = _LOG_STACKS.setdefault(model, [])
+            self._stack.append(self)
 
     def add(self, fn: Callable[[], object]) -> None:
         self._entries.append(fn)
 
     def undo(self) -> None:
+        stack = self._stack
+        if stack is not None and self in stack:
+            while stack and stack[-1] is not self:
+                stack.pop()._revert()
+            stack.pop()
+        self._revert()
+
+    def _revert(self) -> None:
         while self._entries:
             self._entries.pop()()
+
+
+_LOG_STACKS: weakref.WeakKeyDictionary[nn.Module, list[_UndoLog]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -797,7 +818,9 @@ def _retarget_input_casts(model: nn.Module, strategy: QuantBackend, log: _UndoLo
                 continue
             want = strategy.input_dtype(module)
             if want is None:
-                own = [q for q in module.parameters(recurse=False) if q.is_floating_point() and not is_wrapper_subclass(q)]
+                own = [
+                    q for q in module.parameters(recurse=False) if q.is_floating_point() and not is_wrapper_subclass(q)
+                ]
                 want = own[0].dtype if own else None
             if want is not None and want != hook.dtype:
                 log.add(functools.partial(setattr, hook, "dtype", hook.dtype))
@@ -943,7 +966,7 @@ def prepare(
     )
     base = unwrap_model(model)
     strategy = get_backend(p.backend)
-    log = _UndoLog()
+    log = _UndoLog(base)
     try:
         _apply_before_training(base, strategy, log)
         _apply_freeze(model, _inventory(model, strategy), log)
