@@ -586,7 +586,8 @@ def plan(
         )
     if strategy.name == "none" and bytes_delta > 0 and not dist_on:
         found.append(
-            f"The model is not quantized; upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds "
+            f"{'The model is not quantized' if opts.backend == 'auto' else 'backend=none treats the model as unquantized'}; "
+            f"upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds "
             f"{bytes_delta:,} bytes ({bytes_delta} bytes), as peft does. Pass upcast='none' to keep "
             "the model's dtype."
         )
