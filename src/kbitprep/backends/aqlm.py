@@ -19,8 +19,8 @@ from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
     QuantBackend,
     config_quant_method,
-    count_reason,
     detect_in_tiers,
+    layer_counter,
     legacy_quant_method,
     loaded_module,
     modules_of_type,
@@ -99,11 +99,7 @@ class AqlmBackend(QuantBackend):
     quant_methods: ClassVar[frozenset[str]] = frozenset({"aqlm"})
 
     def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            n = sum(1 for _ in modules_of_type(m, _layer_classes()))
-            return count_reason(n, "AQLM QuantizedLinear") if n else None
-
-        return detect_in_tiers(model, self.quant_methods, layers)
+        return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "AQLM QuantizedLinear"))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """``codes``, ``codebooks`` and ``scales`` of a ``QuantizedLinear`` (whatever their dtype);

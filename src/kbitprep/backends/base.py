@@ -17,6 +17,7 @@ __all__ = [
     "count_reason",
     "detect_in_tiers",
     "is_wrapper_subclass",
+    "layer_counter",
     "legacy_quant_method",
     "loaded_module",
     "modules_of_type",
@@ -232,6 +233,17 @@ def detect_in_tiers(
         if evidence is not None and evidence[0] in methods:
             return evidence[1]
     return layers(model)
+
+
+def layer_counter(classes: Callable[[], tuple[type, ...]], label: str) -> Callable[[nn.Module], str | None]:
+    """The third detection tier for a backend with one kind of layer: ``"found 14 <label>
+    modules"`` when ``model`` holds instances of ``classes()`` (looked up lazily), else None."""
+
+    def layers(model: nn.Module) -> str | None:
+        n = sum(1 for _ in modules_of_type(model, classes()))
+        return count_reason(n, label) if n else None
+
+    return layers
 
 
 def count_reason(count: int, what: str) -> str:

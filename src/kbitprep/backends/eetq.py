@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kbitprep.backends.base import QuantBackend, count_reason, detect_in_tiers, loaded_module, modules_of_type
+from kbitprep.backends.base import QuantBackend, detect_in_tiers, layer_counter, loaded_module
 
 __all__ = ["EetqBackend"]
 
@@ -47,11 +47,7 @@ class EetqBackend(QuantBackend):
     quant_methods: ClassVar[frozenset[str]] = frozenset({"eetq"})
 
     def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            n = sum(1 for _ in modules_of_type(m, _layer_classes()))
-            return count_reason(n, "EetqLinear") if n else None
-
-        return detect_in_tiers(model, self.quant_methods, layers)
+        return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "EetqLinear"))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """``weight`` (int8) and ``weight_scales`` (fp16) of an ``EetqLinear``; a layer's ``bias``

@@ -18,8 +18,8 @@ from torch import nn
 from kbitprep.backends.base import (
     QuantBackend,
     config_quant_method,
-    count_reason,
     detect_in_tiers,
+    layer_counter,
     legacy_quant_method,
     loaded_module,
     modules_of_type,
@@ -63,11 +63,7 @@ class HqqBackend(QuantBackend):
     quant_methods: ClassVar[frozenset[str]] = frozenset({"hqq"})
 
     def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            n = sum(1 for _ in modules_of_type(m, _layer_classes()))
-            return count_reason(n, "HQQLinear") if n else None
-
-        return detect_in_tiers(model, self.quant_methods, layers)
+        return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "HQQLinear"))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """``W_q`` of an ``HQQLinear`` (whatever its dtype); elsewhere the default."""
