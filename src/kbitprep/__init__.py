@@ -18,7 +18,7 @@ from kbitprep._errors import (
     NotTrainableError,
     UnknownBackendError,
 )
-from kbitprep._integrations import TrainabilityOverride, mark_trainable
+from kbitprep._trainable import TrainabilityOverride, mark_trainable
 from kbitprep._prepare import (
     CastItem,
     PreparationPlan,

@@ -16,15 +16,17 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 import torch
 from torch import nn
 
+from kbitprep._hf import adapter_param_ids
 from kbitprep._errors import InvalidArgumentError, KbitPrepWarning, NotShardableError
 from kbitprep.backends.base import QuantBackend, tensor_nbytes
 
-__all__ = ["DistributedMode", "cast_adapters", "fsdp_signal", "resolve"]
+__all__ = ["DistributedDecision", "DistributedMode", "cast_adapters", "fsdp_signal", "resolve"]
 
 DistributedMode: TypeAlias = Literal["auto", "fsdp"] | None
 
@@ -56,6 +58,29 @@ def fsdp_signal() -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class DistributedDecision:
+    """What the distributed step decided; the orchestrator's planner reads nothing else.
+
+    Attributes:
+        mode: ``"fsdp"`` (more engines may follow), or ``None`` when the mode is off.
+        shard_dtype: The one dtype every floating, non-storage parameter ends in (FSDP), or the
+            dtype the engine will leave them in; ``None`` when off or no floating parameter.
+        cast_to_shard_dtype: Whether kbitprep casts parameters to ``shard_dtype`` itself (FSDP:
+            yes); ``False`` when the engine converts them and a cast would be wasted.
+        use_reentrant: The ``use_reentrant`` the engine requires of checkpointing, or ``None``
+            when the caller's choice (default ``False``) stands.
+    """
+
+    mode: str | None = None
+    shard_dtype: torch.dtype | None = None
+    cast_to_shard_dtype: bool = True
+    use_reentrant: bool | None = None
+
+
+OFF = DistributedDecision()
+
+
 def _majority_dtype(params: Sequence[nn.Parameter]) -> torch.dtype | None:
     by_bytes: Counter[torch.dtype] = Counter()
     for p in params:
@@ -70,7 +95,7 @@ def resolve(
     storage: Sequence[nn.Parameter],
     floating: Sequence[nn.Parameter],
     found: list[str],
-) -> tuple[bool, torch.dtype | None]:
+) -> DistributedDecision:
     """Decide whether the distributed mode is on and, if so, the one floating dtype.
 
     Args:
@@ -82,21 +107,20 @@ def resolve(
         found: Plan warnings; findings are appended.
 
     Returns:
-        ``(on, dtype)``: whether the mode is on, and the dtype every floating parameter ends in
-        (``None`` when it is off or the model has no floating parameter).
+        The decision; :data:`OFF` when the mode is off.
 
     Raises:
         NotShardableError: ``mode == "fsdp"`` and the backend says its storage cannot be
             sharded, or the storage holds several floating dtypes.
     """
     if mode is None:
-        return False, None
+        return OFF
     float_storage = sorted({p.dtype for p in storage if p.is_floating_point()}, key=str)
     int_storage = sorted({p.dtype for p in storage if not p.is_floating_point()}, key=str)
     if mode == "auto":
         signal = fsdp_signal()
         if signal is None:
-            return False, None
+            return OFF
         if not float_storage:
             if int_storage:
                 found.append(
@@ -106,7 +130,7 @@ def resolve(
                     "bitsandbytes, load with bnb_4bit_quant_storage set to the model's dtype (e.g. "
                     "torch.bfloat16), or pass distributed='fsdp' for FSDP2."
                 )
-            return False, None
+            return OFF
         found.append(f"distributed='auto' turned the distributed (FSDP) mode on: {signal}.")
     ok, why = strategy.shardable(model)
     if not ok:
@@ -128,7 +152,7 @@ def resolve(
             "it and raises 'Cannot flatten integer dtype tensors'. For FSDP1 "
             "with bitsandbytes, load with bnb_4bit_quant_storage set to the model's dtype."
         )
-    return True, (float_storage[0] if float_storage else _majority_dtype(floating))
+    return DistributedDecision("fsdp", float_storage[0] if float_storage else _majority_dtype(floating))
 
 
 def cast_adapters(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
@@ -156,11 +180,9 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
     Warns:
         KbitPrepWarning: No adapter parameter was found (call it after ``get_peft_model``).
     """
-    from kbitprep._prepare import _adapter_param_ids
-
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidArgumentError(f"dtype must be a floating torch.dtype such as torch.bfloat16; got {dtype!r}.")
-    ids = _adapter_param_ids(model)
+    ids = adapter_param_ids(model)
     if not ids:
         warnings.warn(
             f"cast_adapters found no adapter parameters on {type(model).__name__}; call it after "

@@ -22,9 +22,12 @@ import torch
 from torch import nn
 
 from kbitprep import _checkpointing as ckpt
-from kbitprep import _distributed, _integrations
+from kbitprep import _distributed
+from kbitprep import _hf as _integrations
 from kbitprep._errors import InvalidArgumentError, InvalidModelError, KbitPrepWarning
-from kbitprep._registry import detect_backend, get_backend, unwrap_model
+from kbitprep._hf import adapter_param_ids as _adapter_param_ids
+from kbitprep._hf import unwrap_model
+from kbitprep._registry import detect_backend, get_backend
 from kbitprep.backends.base import QuantBackend, is_wrapper_subclass, tensor_nbytes
 
 __all__ = [
@@ -304,30 +307,6 @@ class _Param:
     adapter: bool = False
 
 
-def _adapter_param_ids(model: nn.Module) -> set[int]:
-    """ids of parameters that belong to adapters already attached (PEFT tuner layers)."""
-    peft_tuners = sys.modules.get("peft.tuners.tuners_utils")
-    base_layer_cls = getattr(peft_tuners, "BaseTunerLayer", None) if peft_tuners else None
-    ids: set[int] = set()
-    if base_layer_cls is None:
-        return ids
-    peft_other = sys.modules.get("peft.utils.other")
-    wrapper_cls = getattr(peft_other, "ModulesToSaveWrapper", None) if peft_other else None
-    for module in model.modules():
-        if isinstance(module, base_layer_cls):
-            for attr in tuple(getattr(module, "adapter_layer_names", ())) + ("modules_to_save",):
-                sub = getattr(module, attr, None)
-                if isinstance(sub, nn.Module):
-                    ids.update(id(p) for p in sub.parameters())
-                elif isinstance(sub, nn.Parameter):
-                    ids.add(id(sub))
-        if wrapper_cls is not None and isinstance(module, wrapper_cls):
-            sub = getattr(module, "modules_to_save", None)
-            if isinstance(sub, nn.Module):
-                ids.update(id(p) for p in sub.parameters())
-    return ids
-
-
 def _inventory(model: nn.Module, backend: QuantBackend) -> list[_Param]:
     modules = dict(model.named_modules(remove_duplicate=False))
     by_id: dict[int, _Param] = {}
@@ -476,7 +455,7 @@ def plan(
 
     inventory = _inventory(model, strategy)
     storage_ids = {id(e.param) for e in inventory if e.storage}
-    dist_on, shard_dtype = _distributed.resolve(
+    decision = _distributed.resolve(
         opts.distributed,
         strategy,
         base,
@@ -484,6 +463,7 @@ def plan(
         [e.param for e in inventory if not e.storage and not e.adapter and e.param.is_floating_point()],
         found,
     )
+    dist_on, shard_dtype = decision.mode is not None, decision.shard_dtype
     if dist_on and opts.upcast not in ("auto", "none"):
         raise InvalidArgumentError(
             f"upcast={opts.upcast!r} cannot be combined with distributed={opts.distributed!r}: the "

@@ -26,6 +26,7 @@ from kbitprep._errors import (
     InvalidArgumentError,
     UnknownBackendError,
 )
+from kbitprep._hf import unwrap_model
 from kbitprep.backends.base import QuantBackend
 
 __all__ = [
@@ -284,18 +285,6 @@ def available_backends() -> Mapping[str, BackendInfo]:
     for key, (source, reason) in _registry.broken.items():
         out.setdefault(key, BackendInfo(key, source, f"broken: {reason}", 0))
     return MappingProxyType(dict(sorted(out.items())))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a ``peft.PeftModel`` (looked through), else ``model``."""
-    import sys
-
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(model, getattr(peft, "PeftModel", ())):
-        wrapped: Any = model
-        base: nn.Module = wrapped.get_base_model()
-        return base
-    return model
 
 
 def _claims(model: nn.Module) -> list[tuple[int, int, str, str]]:

@@ -48,6 +48,11 @@ class QuantBackend(abc.ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = ""
+    quant_methods: ClassVar[frozenset[str]] = frozenset()
+    """transformers ``quant_method`` names (lower case) this strategy claims, e.g. ``{"gptq"}``."""
+    unquantized: ClassVar[bool] = False
+    """True only for the strategy of a model with no quantized storage (``none``): peft's
+    upcast, checkpointing left as the model has it, and a warning that states the bytes added."""
 
     @abc.abstractmethod
     def detect(self, model: nn.Module) -> str | None:
@@ -99,6 +104,13 @@ class QuantBackend(abc.ABC):
         Called after :meth:`check_trainable` and before freezing. May return a callable that
         reverses the fix-ups; :meth:`kbitprep.PreparationReport.undo` calls it. Default: nothing.
         """
+        return None
+
+    def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """The dtype the quantized layers compute in (bitsandbytes ``bnb_4bit_compute_dtype``,
+        a GPTQ layer's ``scales`` dtype, an HQQ layer's ``compute_dtype``), or ``None`` when the
+        layers do not say. The plan's ``compute_dtype`` is this, else the upcast dtype, else the
+        model's dtype. Never read from quantized storage. Default: ``None``."""
         return None
 
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:

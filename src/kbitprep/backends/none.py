@@ -22,6 +22,7 @@ class NoQuantBackend(QuantBackend):
 
     name: ClassVar[str] = "none"
     priority: ClassVar[int] = -1000
+    unquantized: ClassVar[bool] = True
 
     def detect(self, model: nn.Module) -> str | None:
         return "no quantizer, quantization attributes or quantized layers found"

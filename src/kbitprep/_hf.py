@@ -1,4 +1,10 @@
-"""Fitting a prepared model into training loops that switch things on themselves.
+"""The transformers / peft internals kbitprep touches, in one place.
+
+Unwrapping a ``peft.PeftModel``, finding the parameters of adapters already attached, and the
+input-grad hook bookkeeping transformers keeps (``_require_grads_hooks``) all live here; no other
+module reads or edits them.
+
+Fitting a prepared model into training loops that switch things on themselves:
 
 transformers' ``Trainer`` calls ``activation_checkpointing_enable`` at the start of ``train()``
 when ``TrainingArguments(gradient_checkpointing=True)``, and TRL's ``SFTTrainer`` calls
@@ -19,9 +25,6 @@ prepared model instance:
 
 Both are recorded in the report's undo log; :meth:`kbitprep.PreparationReport.undo` removes them.
 
-:func:`mark_trainable` is the explicit opt-in for a model that transformers marks
-non-trainable (``HfQuantizer.is_trainable`` False) although kbitprep's strategy has checked that
-its quantized layers pass gradients (torchao ``IntxWeightOnlyConfig`` int4, case C16).
 """
 
 from __future__ import annotations
@@ -29,18 +32,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from kbitprep import _checkpointing as ckpt
 from kbitprep._errors import KbitPrepWarning
 
-__all__ = ["TrainabilityOverride", "guard_checkpointing", "internal_enable", "mark_trainable"]
+__all__ = ["adapter_param_ids", "guard_checkpointing", "internal_enable", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,106 +231,39 @@ def guard_checkpointing(
     return True
 
 
-# -- the is_trainable opt-in ----------------------------------------------------------------
-
-_TRAINABLE_CLASSES: dict[type, type] = {}
-
-
-def _trainable_subclass(cls: type) -> type:
-    sub = _TRAINABLE_CLASSES.get(cls)
-    if sub is None:
-        sub = type(
-            cls.__name__,
-            (cls,),
-            {
-                "is_trainable": property(lambda self: True),
-                "_kbitprep_original_class": cls,
-                "__doc__": f"{cls.__name__} with is_trainable True (kbitprep.mark_trainable).",
-                "__module__": __name__,
-                "__qualname__": f"_TRAINABLE_CLASSES[{cls.__name__}]",
-            },
-        )
-        _TRAINABLE_CLASSES[cls] = sub
-    return sub
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (looked through), else ``model``."""
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, getattr(peft, "PeftModel", ())):
+        wrapped: Any = model
+        base: nn.Module = wrapped.get_base_model()
+        return base
+    return model
 
 
-@dataclass
-class TrainabilityOverride:
-    """What :func:`mark_trainable` changed; :meth:`undo` (or leaving the ``with`` block) reverts it.
-
-    Attributes:
-        quantizer: The ``model.hf_quantizer`` whose ``is_trainable`` now reads True, or None when
-            nothing needed changing.
-        reason: Why the override was (or was not) needed, for logs.
-    """
-
-    quantizer: Any
-    reason: str
-
-    @property
-    def active(self) -> bool:
-        """Whether the override is in place."""
-        q = self.quantizer
-        return q is not None and getattr(type(q), "_kbitprep_original_class", None) is not None
-
-    def undo(self) -> None:
-        """Give the quantizer its own class back, so ``is_trainable`` is transformers' answer
-        again. Calling it twice does nothing."""
-        q = self.quantizer
-        if q is not None:
-            original = getattr(type(q), "_kbitprep_original_class", None)
-            if original is not None:
-                q.__class__ = original
-
-    def __enter__(self) -> TrainabilityOverride:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.undo()
+def adapter_param_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of adapters already attached: PEFT tuner layers' adapter
+    sub-modules (``lora_A``, ``lora_B``, ...) and ``modules_to_save`` copies. Reads peft only
+    when it is already imported (a model cannot hold its layers otherwise)."""
+    peft_tuners = sys.modules.get("peft.tuners.tuners_utils")
+    base_layer_cls = getattr(peft_tuners, "BaseTunerLayer", None) if peft_tuners else None
+    ids: set[int] = set()
+    if base_layer_cls is None:
+        return ids
+    peft_other = sys.modules.get("peft.utils.other")
+    wrapper_cls = getattr(peft_other, "ModulesToSaveWrapper", None) if peft_other else None
+    for module in model.modules():
+        if isinstance(module, base_layer_cls):
+            for attr in tuple(getattr(module, "adapter_layer_names", ())) + ("modules_to_save",):
+                ids.update(_param_ids(getattr(module, attr, None)))
+        if wrapper_cls is not None and isinstance(module, wrapper_cls):
+            ids.update(_param_ids(getattr(module, "modules_to_save", None)))
+    return ids
 
 
-def mark_trainable(model: nn.Module) -> TrainabilityOverride:
-    """Let transformers' ``Trainer`` accept a model it marks non-trainable but that trains.
-
-    transformers 5.24 ``Trainer.__init__`` calls ``trainer_utils.validate_quantization_for_training``,
-    which refuses any model whose ``hf_quantizer.is_trainable`` is False. For torchao that flag is
-    decided by the config's bit width (``TorchAoHfQuantizer.is_trainable`` is True only for 8-bit
-    configs), so ``IntxWeightOnlyConfig(weight_dtype=torch.int4)`` is refused although LoRA on it
-    receives gradients (case C16). This function asks kbitprep's strategy first: only when its
-    ``check_trainable`` passes (for torchao, a train-mode probe of every quantized layer with a
-    grad-requiring input) does it make ``model.hf_quantizer.is_trainable`` read True, by giving
-    that quantizer object a subclass of its own class that overrides only ``is_trainable``.
-    Nothing else about the model changes.
-
-    Args:
-        model: A transformers model or a ``peft.PeftModel`` around one, on any device.
-
-    Returns:
-        The override; call ``undo()`` after training, or use it as a context manager around
-        building and running the trainer. When the quantizer already says trainable, or there is
-        none, the override changes nothing (``active`` is False).
-
-    Raises:
-        NotTrainableError: kbitprep's strategy for this backend says adapters cannot train
-            (e.g. torchao ``Int8DynamicActivationInt8WeightConfig``, or a backend that defers to
-            transformers' flag), so the flag is left as it is.
-    """
-    from kbitprep._registry import detect_backend, get_backend, unwrap_model
-
-    base = unwrap_model(model)
-    quantizer = getattr(base, "hf_quantizer", None)
-    if quantizer is None:
-        return TrainabilityOverride(None, "the model has no transformers quantizer; Trainer does not check it")
-    if getattr(type(quantizer), "_kbitprep_original_class", None) is not None:
-        return TrainabilityOverride(quantizer, "already marked trainable")
-    if getattr(quantizer, "is_trainable", False) is True:
-        return TrainabilityOverride(None, f"{type(quantizer).__name__}.is_trainable is already True")
-    detection = detect_backend(base)
-    get_backend(detection.backend).check_trainable(base)  # raises NotTrainableError
-    quantizer.__class__ = _trainable_subclass(type(quantizer))
-    reason = (
-        f"{type(quantizer).__name__}.is_trainable is False, but the {detection.backend} strategy found "
-        "that every quantized layer passes gradients"
-    )
-    logger.info("Marked %s trainable for transformers' Trainer: %s", type(base).__name__, reason)
-    return TrainabilityOverride(quantizer, reason)
+def _param_ids(sub: object) -> set[int]:
+    if isinstance(sub, nn.Module):
+        return {id(p) for p in sub.parameters()}
+    if isinstance(sub, torch.Tensor):
+        return {id(sub)}
+    return set()
