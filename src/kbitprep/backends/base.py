@@ -16,6 +16,7 @@ __all__ = [
     "config_quant_method",
     "count_reason",
     "detect_in_tiers",
+    "is_storage_dtype",
     "is_wrapper_subclass",
     "layer_counter",
     "legacy_quant_method",
@@ -133,6 +134,28 @@ class QuantBackend(abc.ABC):
 
 
 # -- evidence helpers shared by the built-in strategies ---------------------------------------
+
+
+def _storage_float_dtypes() -> frozenset[torch.dtype]:
+    names = (
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    )
+    return frozenset(d for n in names if isinstance(d := getattr(torch, n, None), torch.dtype))
+
+
+_STORAGE_FLOAT_DTYPES = _storage_float_dtypes()
+
+
+def is_storage_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` only ever holds quantized storage: integers, booleans, and the
+    float8 (e4m3/e5m2), e8m0 and float4 formats torch 2.13 defines. No module computes in
+    these, so they are never cast, trained or read as a compute dtype."""
+    return dtype in _STORAGE_FLOAT_DTYPES or not (dtype.is_floating_point or dtype.is_complex)
 
 
 def is_wrapper_subclass(tensor: torch.Tensor) -> bool:
