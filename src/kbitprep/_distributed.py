@@ -152,7 +152,8 @@ def resolve(
             "it and raises 'Cannot flatten integer dtype tensors'. For FSDP1 "
             "with bitsandbytes, load with bnb_4bit_quant_storage set to the model's dtype."
         )
-    return DistributedDecision("fsdp", float_storage[0] if float_storage else _majority_dtype(floating))
+    shard = float_storage[0] if float_storage else _majority_dtype(floating)
+    return DistributedDecision("fsdp", shard, use_reentrant=False)  # FSDP needs non-reentrant checkpointing
 
 
 def cast_adapters(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
