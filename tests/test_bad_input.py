@@ -4,6 +4,7 @@ the model untouched (dtypes, requires_grad, hooks, checkpointing, use_cache)."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,6 @@ from torch import nn
 import kbitprep
 from _models import bnb4_config, load, saved_tiny, tiny_llama
 from kbitprep import (
-    BackendUnavailableError,
     InvalidArgumentError,
     InvalidModelError,
     KbitPrepError,
@@ -110,7 +110,11 @@ def test_unknown_backend_name(entry: str) -> None:
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_backend_library_not_installed(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backend_library_not_installed_stops_nothing_it_does_not_call(
+    entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forced strategy whose library is missing still prepares a model when none of its steps
+    calls the library (issue 12): no BackendUnavailableError, the forced-backend note instead."""
     real = importlib.util.find_spec
 
     def find_spec(name: str, package: str | None = None) -> Any:
@@ -118,14 +122,14 @@ def test_backend_library_not_installed(entry: str, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     model = tiny_llama(torch.bfloat16)
-    before = _state(model)
-    with pytest.raises(BackendUnavailableError) as info:
+    assert kbitprep.plan(model, backend="torchao").backend == "torchao"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         ENTRY_POINTS[entry](model, backend="torchao")
-    assert isinstance(info.value, ImportError)
-    assert info.value.install_hint.startswith("pip install ")
-    assert f"`{info.value.install_hint}`" in str(info.value)
-    assert "not installed" in str(info.value)
-    assert _state(model) == before
+    texts = [str(w.message) for w in seen if issubclass(w.category, kbitprep.KbitPrepWarning)]
+    assert entry == "plan" or any("backend='torchao' was passed" in t for t in texts)
+    assert entry == "plan" or not any(p.requires_grad for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # torchao's policy casts nothing
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))

@@ -118,6 +118,8 @@ def _prepared(root: str, mp: pytest.MonkeyPatch) -> Any:
 def _unknown_method(root: str, mp: pytest.MonkeyPatch) -> Any:
     model = plain(root)
     model.config.quantization_config = {"quant_method": "sparsegpt", "bits": 2}
+    # storage behind the label (an int8 buffer): a label alone would read as dequantized (C19)
+    model.model.layers[0].mlp.down_proj.register_buffer("qweight", torch.zeros(8, dtype=torch.int8))
     return model
 
 
@@ -191,6 +193,8 @@ class _Toy(nn.Module):
         self.proj = nn.Linear(8, 8)
         self.is_quantized = True
         self.quantization_method = "quanto"
+        # storage behind the label (an int8 buffer): a label alone would read as dequantized (C19)
+        self.proj.register_buffer("qweight", torch.zeros(8, dtype=torch.int8))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.proj(self.embed(ids))  # type: ignore[no-any-return]
@@ -223,6 +227,17 @@ def _check_prepared_again(report: Any, model: Any) -> None:
 
 def _check_generic(report: Any, model: Any) -> None:
     assert report.backend == "generic" and report.casts == ()
+
+
+def _check_dequantized_torchao(report: Any, model: Any) -> None:
+    # a torchao label with no storage behind it: unquantized (issue 12), no torchao call needed
+    assert report.backend == "none"
+    assert "'torchao'" in report.reason and "dequantized" in report.reason
+
+
+def _check_forced_hqq(report: Any, model: Any) -> None:
+    # hqq's policy needs no hqq call on this model, so the missing library stops nothing (issue 12)
+    assert report.backend == "hqq" and report.casts == ()
 
 
 def _check_hook_on_embed(report: Any, model: Any) -> None:
@@ -279,13 +294,10 @@ BAD: dict[str, Bad] = {
         ("is_trainable is False", "quantization config that supports training"),
     ),
     "the backend's library missing (detected)": Bad(
-        _torchao_missing, P, kbitprep.BackendUnavailableError, ("'torchao'", "not installed", "pip install")
+        _torchao_missing, P, warns="The model is not quantized", check=_check_dequantized_torchao
     ),
     "the backend's library missing (asked for)": Bad(
-        _hqq_missing,
-        lambda m: P(m, backend="hqq"),
-        kbitprep.BackendUnavailableError,
-        ("'hqq'", "not installed", "pip install"),
+        _hqq_missing, lambda m: P(m, backend="hqq"), warns="backend='hqq' was passed", check=_check_forced_hqq
     ),
     "a broken plugin": Bad(_broken_plugin, P, check=_broken_status),
     "two plugins with one name": Bad(_two_plugins, P, check=_duplicate_status),

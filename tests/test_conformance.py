@@ -40,7 +40,7 @@ def _backend(name: str) -> type[QuantBackend]:
 
     from kbitprep._registry import _BUILTINS
 
-    module, _, attr = _BUILTINS[name][0].partition(":")
+    module, _, attr = _BUILTINS[name].partition(":")
     cls: type[QuantBackend] = getattr(importlib.import_module(module), attr)
     return cls
 
@@ -102,7 +102,7 @@ class TestNoQuantization(BackendConformanceTests):
 def _maybe(name: str) -> Any:
     from kbitprep._registry import _BUILTINS
 
-    path = _BUILTINS[name][0].partition(":")[0]
+    path = _BUILTINS[name].partition(":")[0]
     if importlib.util.find_spec(path) is None:
         return None
     return _backend(name)

@@ -86,6 +86,8 @@ def test_good_plugin_outranks_the_generic_fallback_on_its_own_quant_method() -> 
     _require_dist(GOOD_DIST)
     model = tiny_llama(torch.float32)
     model.config.quantization_config = {"quant_method": "goodquant"}
+    # storage behind the label (an int8 buffer): a label alone would read as dequantized (C19)
+    model.model.layers[0].mlp.down_proj.register_buffer("qweight", torch.zeros(8, dtype=torch.int8))
     detection = kbitprep.detect_backend(model)
     assert detection.backend == "goodquant"
     assert "goodquant" in detection.reason
@@ -229,18 +231,24 @@ def torchao_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
-def test_builtin_with_missing_library_is_reported_and_refused(torchao_missing: None) -> None:
+def test_builtin_with_missing_library_is_reported_and_still_returned(torchao_missing: None) -> None:
+    """The status says what is missing; the strategy is still returned, because it needs its
+    library only for a fix-up that calls it (issue 12), and then ``require`` raises."""
     info = kbitprep.available_backends()["torchao"]
     assert info.source == "builtin"
-    assert info.status.startswith("missing dependency: pip install ")
-    assert "torchao" in info.status
+    assert info.status == "missing dependency: pip install 'kbitprep[torchao]'"
+    backend = kbitprep.get_backend("torchao")
+    assert type(backend).__name__ == "TorchAoBackend"
+    assert backend.missing_requirements() == ("torchao",)
     with pytest.raises(BackendUnavailableError) as exc:
-        kbitprep.get_backend("torchao")
+        backend.require("probing a quantized layer")
     assert isinstance(exc.value, ImportError) and isinstance(exc.value, KbitPrepError)
-    assert exc.value.install_hint.startswith("pip install ") and "torchao" in exc.value.install_hint
-    assert exc.value.install_hint in str(exc.value)
+    assert exc.value.install_hint == "pip install 'kbitprep[torchao]'"
+    assert "'torchao'" in str(exc.value) and "probing a quantized layer" in str(exc.value)
+    assert f"`{exc.value.install_hint}`" in str(exc.value)
     # the others are unaffected
     assert kbitprep.available_backends()["bitsandbytes"].status == "ok"
+    assert kbitprep.get_backend("bitsandbytes").missing_requirements() == ()
 
 
 # -- detection tiers ------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from typing import Any, TypeVar, overload
 from torch import nn
 
 from kbitprep._errors import (
-    BackendUnavailableError,
     DuplicateBackendError,
     InvalidArgumentError,
     UnknownBackendError,
@@ -42,20 +41,20 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kbitprep.backends"
 
-# name -> (dotted path, library module checked with find_spec or None, pip install hint); sorted
-_BUILTINS: dict[str, tuple[str, str | None, str]] = {
-    "aqlm": ("kbitprep.backends.aqlm:AqlmBackend", "aqlm", "pip install 'kbitprep[aqlm]'"),
-    "bitsandbytes": (
-        "kbitprep.backends.bitsandbytes:BitsAndBytesBackend",
-        "bitsandbytes",
-        "pip install 'kbitprep[bnb]'",
-    ),
-    "eetq": ("kbitprep.backends.eetq:EetqBackend", "transformers", "pip install 'kbitprep[eetq]'"),
-    "generic": ("kbitprep.backends.generic:GenericBackend", None, ""),
-    "gptq": ("kbitprep.backends.gptq:GptqBackend", "gptqmodel", "pip install 'kbitprep[gptq]'"),
-    "hqq": ("kbitprep.backends.hqq:HqqBackend", "hqq", "pip install 'kbitprep[hqq]'"),
-    "none": ("kbitprep.backends.none:NoQuantBackend", None, ""),
-    "torchao": ("kbitprep.backends.torchao:TorchAoBackend", "torchao", "pip install 'kbitprep[torchao]'"),
+# name -> "module:Class"; sorted. The library a built-in needs and its pip hint live on the
+# class (``QuantBackend.requires`` / ``install_hint``), read when the class is first imported
+# (built-in backend modules import only torch).
+_BUILTINS: dict[str, str] = {
+    "aqlm": "kbitprep.backends.aqlm:AqlmBackend",
+    "bitsandbytes": "kbitprep.backends.bitsandbytes:BitsAndBytesBackend",
+    "eetq": "kbitprep.backends.eetq:EetqBackend",
+    "fp8": "kbitprep.backends.fp8:Fp8Backend",
+    "generic": "kbitprep.backends.generic:GenericBackend",
+    "gptq": "kbitprep.backends.gptq:GptqBackend",
+    "hqq": "kbitprep.backends.hqq:HqqBackend",
+    "none": "kbitprep.backends.none:NoQuantBackend",
+    "quanto": "kbitprep.backends.quanto:QuantoBackend",
+    "torchao": "kbitprep.backends.torchao:TorchAoBackend",
 }
 
 _B = TypeVar("_B", bound=type[QuantBackend])
@@ -106,8 +105,7 @@ class _Registry:
         cls = self.classes.get(name)
         if cls is not None:
             return cls
-        path, _lib, _hint = _BUILTINS[name]
-        module_name, _, attr = path.partition(":")
+        module_name, _, attr = _BUILTINS[name].partition(":")
         loaded: Any = getattr(importlib.import_module(module_name), attr)
         self.classes[name] = loaded
         self.sources[name] = "builtin"
@@ -178,6 +176,24 @@ def _check_class(cls: object) -> None:
         raise InvalidArgumentError(
             f'Backend class {cls.__qualname__} has no `name`; set the class attribute `name = "..."`.'
         )
+    abstract = sorted(getattr(cls, "__abstractmethods__", ()))
+    if abstract:
+        raise InvalidArgumentError(
+            f"Backend class {cls.__qualname__} does not implement {', '.join(abstract)}; a backend must "
+            "implement detect(model) -> str | None (and every other abstract method) to be registered."
+        )
+    if not isinstance(getattr(cls, "requires", ()), tuple) or not all(isinstance(r, str) for r in cls.requires):
+        raise InvalidArgumentError(
+            f"Backend class {cls.__qualname__}.requires must be a tuple of import names such as "
+            f"('mylib',); got {cls.requires!r}."
+        )
+    try:
+        cls()
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"Backend class {cls.__qualname__} cannot be instantiated without arguments "
+            f"({type(exc).__name__}: {exc}); the registry creates one instance with cls()."
+        ) from exc
 
 
 @overload
@@ -226,37 +242,32 @@ def register_backend(cls: _B | None = None, *, replace: bool = False) -> _B | Ca
 
 
 def _missing_dependency(name: str) -> str | None:
-    """The pip hint when a built-in backend's library is not installed, else None."""
-    if name not in _BUILTINS or _registry.sources.get(name, "builtin") != "builtin":
-        return None
-    _path, lib, hint = _BUILTINS[name]
-    if lib is None:
-        return None
+    """The pip hint when a library the backend's class lists in ``requires`` is not installed
+    (``importlib.util.find_spec``, nothing imported), else None. Built-ins and plugins alike."""
     try:
-        found = importlib.util.find_spec(lib) is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else hint
+        cls = _registry.get_class(name)
+    except Exception:
+        return None
+    missing = cls.missing_requirements()
+    if not missing:
+        return None
+    return cls.install_hint or f"pip install {' '.join(missing)}"
 
 
 def get_backend(name: str) -> QuantBackend:
     """The backend instance registered as ``name`` (one instance per name).
 
+    A missing library does not stop this: a strategy needs its library only for the fix-ups
+    that call it, and raises :class:`~kbitprep.BackendUnavailableError` from there
+    (:meth:`QuantBackend.require`). A GPTQ model whose layers come from another kernel library
+    is prepared on a machine without gptqmodel (issue 12).
+
     Raises:
         UnknownBackendError: No backend has that name; the message lists the known names.
-        BackendUnavailableError: The backend's library is not installed; ``install_hint``
-            holds the pip command.
     """
     if not isinstance(name, str):
         raise InvalidArgumentError(f"backend must be a str such as 'auto' or 'bitsandbytes'; got {name!r}.")
     cls = _registry.get_class(name)
-    hint = _missing_dependency(name)
-    if hint is not None:
-        lib = _BUILTINS[name][1]
-        raise BackendUnavailableError(
-            f"The {name!r} backend needs the {lib!r} library, which is not installed. Install it with `{hint}`.",
-            install_hint=hint,
-        )
     instance = _registry.instances.get(name)
     if instance is None:
         instance = cls()
@@ -293,7 +304,9 @@ def _claims(model: nn.Module) -> list[tuple[int, int, str, str]]:
     for order, name in enumerate(_registry.names()):
         try:
             backend = _registry.get_class(name)()
-        except Exception:
+        except Exception as exc:  # registration checks make this rare; never skip it silently
+            logger.error("Backend %r could not be instantiated while detecting: %s", name, exc)
+            _registry.broken.setdefault(name, (_registry.sources.get(name, "builtin"), f"{type(exc).__name__}: {exc}"))
             continue
         try:
             reason = backend.detect(model)
@@ -336,8 +349,42 @@ def detect_backend(model: nn.Module) -> Detection:
     if not claims:  # cannot happen while the "none" backend is registered
         return Detection("none", "no backend claimed the model")
     _prio, _order, name, reason = claims[0]
+    dequantized = _label_without_storage(base, name)
+    if dequantized is not None:
+        return Detection("none", dequantized)
     others = tuple((n, r) for _p, _o, n, r in claims[1:] if n not in ("generic", "none"))
     return Detection(name, reason, others)
+
+
+def _label_without_storage(model: nn.Module, name: str) -> str | None:
+    """The ``none`` verdict's reason when a quantization label has no storage behind it.
+
+    The quantizer, ``quantization_config`` and legacy attributes are evidence, not the verdict
+    (issue 12, case C19): transformers keeps ``hf_quantizer`` and the config on a model it
+    loaded dequantized (``Mxfp4Config(dequantize=True)``; an FP8 checkpoint on a CPU), whose
+    parameters are all ordinary floats. Asks the claiming strategy's ``find_storage``.
+    """
+    from kbitprep.backends.base import config_quant_method, legacy_quant_method
+
+    label = config_quant_method(model) or legacy_quant_method(model)
+    if label is None and getattr(model, "is_quantized", False) is True:
+        label = ("unknown", "model.is_quantized is True")
+    if label is None:
+        return None
+    try:
+        strategy = _registry.get_class(name)()
+        if strategy.unquantized or strategy.find_storage(model) is not None:
+            return None
+    except Exception as exc:  # a strategy that cannot answer keeps its claim
+        logger.warning("Backend %r failed while looking for quantized storage: %s", name, exc)
+        return None
+    method, evidence = label
+    return (
+        f"{evidence}, but the model holds no quantized storage for {method!r}: every parameter and "
+        "buffer is an ordinary float or index tensor, so the weights are dequantized (as transformers "
+        "loads them with dequantize=True, or on a device its kernels do not support) and the model is "
+        "prepared as unquantized"
+    )
 
 
 @functools.cache

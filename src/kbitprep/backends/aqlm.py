@@ -96,6 +96,7 @@ class AqlmBackend(QuantBackend):
     name: ClassVar[str] = "aqlm"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[aqlm]'"
+    requires: ClassVar[tuple[str, ...]] = ("aqlm",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"aqlm"})
 
     def detect(self, model: nn.Module) -> str | None:

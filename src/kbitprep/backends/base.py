@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import abc
+import importlib.util
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 __all__ = [
+    "STORAGE_LEAF_NAMES",
+    "STORAGE_LEAF_SUFFIXES",
     "QuantBackend",
     "UndoFn",
+    "Verdict",
     "config_quant_method",
     "count_reason",
     "detect_in_tiers",
+    "find_storage",
     "is_storage_dtype",
+    "is_storage_tensor",
     "is_wrapper_subclass",
     "layer_counter",
     "legacy_quant_method",
@@ -27,6 +33,14 @@ __all__ = [
 
 UndoFn = Callable[[], None]
 """What :meth:`QuantBackend.before_training` may return: a callable that reverses its fix-ups."""
+
+
+class Verdict(NamedTuple):
+    """The answer to a "can this model do X" question (:meth:`QuantBackend.trainable`,
+    :meth:`QuantBackend.shardable`): unpacks as ``ok, reason = ...``."""
+
+    ok: bool
+    reason: str
 
 
 class QuantBackend(abc.ABC):
@@ -42,6 +56,11 @@ class QuantBackend(abc.ABC):
         priority: Higher wins when two backends claim one model. Built-ins use 0; the
             ``generic`` fallback uses -100 and ``none`` -1000.
         install_hint: pip command that installs the backend's library.
+        requires: Import names of the libraries the backend's fix-ups call (checked with
+            ``importlib.util.find_spec``; nothing is imported). The registry reads these from
+            the class: ``available_backends`` reports ``missing dependency: <install_hint>``,
+            and :meth:`require` raises :class:`~kbitprep.BackendUnavailableError` when a fix-up
+            that needs one runs without it.
         shardable: Whether the quantized storage can be sharded by FSDP together with the
             float parameters (see :mod:`kbitprep` distributed mode). ``None`` means unknown.
     """
@@ -49,6 +68,7 @@ class QuantBackend(abc.ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
     quant_methods: ClassVar[frozenset[str]] = frozenset()
     """transformers ``quant_method`` names (lower case) this strategy claims, e.g. ``{"gptq"}``."""
     unquantized: ClassVar[bool] = False
@@ -64,12 +84,75 @@ class QuantBackend(abc.ABC):
         """
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        """Whether ``param`` is quantized storage: never cast, never made trainable.
+        """Whether ``param`` is quantized storage: never cast, never made trainable, never
+        counted when deciding whether dtypes are mixed, never read as a compute dtype.
 
-        Default: an integer or boolean dtype, or any tensor subclass other than plain
-        ``nn.Parameter`` (torchao's float-reporting subclasses, bitsandbytes ``Params4bit``).
+        Default: :func:`is_storage_tensor` (integer, float8, e8m0 and float4 dtypes, tensor
+        subclasses, and the scales / zero points / packed tensors of a module that holds such
+        storage). An override should return ``True`` for its own extra storage and otherwise
+        call ``super().is_quantized_param(...)``, so it keeps this rule.
         """
-        return (not param.is_floating_point() and not param.is_complex()) or is_wrapper_subclass(param)
+        return is_storage_tensor(name, param, module)
+
+    @classmethod
+    def missing_requirements(cls) -> tuple[str, ...]:
+        """The names in :attr:`requires` that ``importlib.util.find_spec`` cannot find."""
+        missing = []
+        for lib in cls.requires:
+            try:
+                found = importlib.util.find_spec(lib) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(lib)
+        return tuple(missing)
+
+    def require(self, purpose: str) -> None:
+        """Call before a fix-up imports the backend's library.
+
+        Args:
+            purpose: What needs the library, e.g. ``"decompressing weight_packed"``.
+
+        Raises:
+            BackendUnavailableError: A library in :attr:`requires` is not installed; the
+                message names it and ``purpose``, and ``install_hint`` holds the pip command.
+        """
+        from kbitprep._errors import BackendUnavailableError
+
+        missing = self.missing_requirements()
+        if missing:
+            hint = self.install_hint or f"pip install {' '.join(missing)}"
+            raise BackendUnavailableError(
+                f"The {self.name!r} backend needs {', '.join(repr(m) for m in missing)} for {purpose}, which is "
+                f"not installed. Install it with `{hint}`.",
+                install_hint=hint,
+            )
+
+    def trainable(self, model: nn.Module) -> Verdict:
+        """Whether adapters on ``model`` can train, as ``(ok, reason)`` like :meth:`shardable`.
+
+        The question :meth:`check_trainable` answers by raising; this asks it and never raises
+        :class:`~kbitprep.NotTrainableError`. Override :meth:`check_trainable`, not this.
+        """
+        from kbitprep._errors import NotTrainableError
+
+        try:
+            self.check_trainable(model)
+        except NotTrainableError as exc:
+            return Verdict(False, str(exc))
+        return Verdict(True, f"the {self.name} strategy found nothing that stops adapters from training")
+
+    def find_storage(self, model: nn.Module) -> str | None:
+        """A one-line account of the quantized storage ``model`` holds, or ``None`` when it
+        holds none (e.g. ``"42 tensors of quantized storage (float8_e4m3fn, float32)"``).
+
+        :func:`kbitprep.detect_backend` asks this of the strategy a quantizer label points to:
+        a label with no storage behind it (gpt-oss loaded with ``Mxfp4Config(dequantize=True)``,
+        an FP8 checkpoint transformers dequantized on a CPU) is an unquantized model (C19).
+        Default: :func:`find_storage` with this strategy's :meth:`is_quantized_param`.
+        Override when the storage lives in float buffers the rule cannot name.
+        """
+        return find_storage(model, self.is_quantized_param)
 
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """Whether ``upcast="auto"`` casts this non-quantized floating parameter. Default: no."""
@@ -127,10 +210,10 @@ class QuantBackend(abc.ABC):
         """Whether FSDP can shard this model's quantized storage with its float parameters.
 
         Returns:
-            ``(ok, reason)``; the reason says what was found. Default: not shardable, because
-            the storage's layout is unknown.
+            ``(ok, reason)`` (a :class:`Verdict` or a plain tuple); the reason says what was
+            found. Default: not shardable, because the storage's layout is unknown.
         """
-        return False, f"the {self.name} backend does not declare its storage shardable by FSDP"
+        return Verdict(False, f"the {self.name} backend does not declare its storage shardable by FSDP")
 
 
 # -- evidence helpers shared by the built-in strategies ---------------------------------------
@@ -156,6 +239,107 @@ def is_storage_dtype(dtype: torch.dtype) -> bool:
     float8 (e4m3/e5m2), e8m0 and float4 formats torch 2.13 defines. No module computes in
     these, so they are never cast, trained or read as a compute dtype."""
     return dtype in _STORAGE_FLOAT_DTYPES or not (dtype.is_floating_point or dtype.is_complex)
+
+
+STORAGE_LEAF_NAMES = frozenset(
+    {
+        "activation_scale",
+        "input_global_scale",
+        "input_scale",
+        "input_zero_point",
+        "output_scale",
+        "packed_weight",
+        "qzeros",
+        "scale",
+        "scales",
+        "weight_global_scale",
+        "weight_packed",
+        "weight_scale",
+        "weight_scale_2",
+        "weight_scale_inv",
+        "weight_zero_point",
+        "zero_point",
+        "zeros",
+    }
+)
+"""Leaf names of quantization metadata that layers keep in a float dtype: transformers 5.24
+``FP8Linear.weight_scale_inv`` / ``activation_scale`` and ``FbgemmFp8Linear.weight_scale``,
+compressed-tensors 0.20 ``weight_scale`` / ``weight_zero_point`` / ``weight_global_scale`` /
+``input_scale`` / ``weight_packed``, GPTQ/AWQ ``scales`` / ``qzeros``, ModelOpt ``weight_scale_2``."""
+
+STORAGE_LEAF_SUFFIXES = ("_scale", "_scale_inv", "_scales", "_zero_point", "_global_scale", "_packed")
+"""Suffixes of the same metadata on fused layers, e.g. transformers 5.24
+``FbgemmFp8Llama4TextExperts.gate_up_proj_scale``."""
+
+
+_INDEX_DTYPES = (torch.int64, torch.bool)  # position_ids, token_type_ids, causal masks: not storage
+
+
+def _holds_primary_storage(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not its children) holds a storage-dtype or subclass tensor."""
+    own = [
+        *module._parameters.values(),
+        *(b for b in module._buffers.values() if b is not None and b.dtype not in _INDEX_DTYPES),
+    ]
+    return any(t is not None and (is_storage_dtype(t.dtype) or is_wrapper_subclass(t)) for t in own)
+
+
+def is_storage_tensor(name: str, tensor: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``tensor`` (a parameter or buffer named ``name``, owned by ``module``) is
+    quantized storage under the rule every backend shares (issue 12, case C19).
+
+    Storage is:
+
+    * a tensor whose dtype only holds quantized data (:func:`is_storage_dtype`): integers,
+      booleans, float8 ``e4m3fn``/``e4m3fnuz``/``e5m2``/``e5m2fnuz``, ``float8_e8m0fnu`` and
+      ``float4_e2m1fn_x2``;
+    * a tensor subclass (:func:`is_wrapper_subclass`: torchao, bitsandbytes ``Params4bit``);
+    * a float tensor holding quantization metadata, named like a scale, zero point, global
+      scale or packed tensor (:data:`STORAGE_LEAF_NAMES`, :data:`STORAGE_LEAF_SUFFIXES`),
+      but only when ``module`` itself also holds a tensor of the first two kinds. A plain
+      module's ``layer_scale`` therefore stays an ordinary parameter.
+
+    Args:
+        name: The tensor's name, qualified (``"model.layers.0.q_proj.weight_scale"``) or leaf.
+        tensor: The parameter or buffer.
+        module: The module that owns it directly.
+
+    Returns:
+        ``True`` when the tensor must never be cast, trained, or read as a compute dtype.
+    """
+    if is_storage_dtype(tensor.dtype) or is_wrapper_subclass(tensor):
+        return True
+    leaf = name.rpartition(".")[2]
+    named_like = leaf in STORAGE_LEAF_NAMES or leaf.endswith(STORAGE_LEAF_SUFFIXES)
+    return named_like and _holds_primary_storage(module)
+
+
+def find_storage(
+    model: nn.Module, is_storage: Callable[[str, nn.Parameter, nn.Module], bool] | None = None
+) -> str | None:
+    """Count the quantized storage ``model`` holds; ``None`` when it holds none.
+
+    Parameters count when ``is_storage(name, param, owner)`` says so (default
+    :func:`is_storage_tensor`). Buffers count under :func:`is_storage_tensor`, except int64 and
+    bool buffers, which plain models use for indices and masks (``position_ids``, causal masks).
+
+    Returns:
+        ``"N tensors of quantized storage (dtype, ...)"`` or ``None``.
+    """
+    check = is_storage or is_storage_tensor
+    modules = dict(model.named_modules(remove_duplicate=False))
+    found: list[torch.dtype] = []
+    for name, param in model.named_parameters():
+        if check(name, param, modules.get(name.rpartition(".")[0], model)):
+            found.append(param.dtype)
+    for name, buf in model.named_buffers():
+        owner = modules.get(name.rpartition(".")[0], model)
+        if buf.dtype not in _INDEX_DTYPES and is_storage_tensor(name, buf, owner):
+            found.append(buf.dtype)
+    if not found:
+        return None
+    kinds = ", ".join(sorted({str(d).removeprefix("torch.") for d in found}))
+    return f"{len(found)} tensor{'s' if len(found) != 1 else ''} of quantized storage ({kinds})"
 
 
 def is_wrapper_subclass(tensor: torch.Tensor) -> bool:

@@ -13,7 +13,6 @@ from kbitprep.backends.base import (
     UndoFn,
     count_reason,
     detect_in_tiers,
-    is_wrapper_subclass,
     loaded_module,
     modules_of_type,
 )
@@ -50,6 +49,7 @@ class BitsAndBytesBackend(QuantBackend):
     name: ClassVar[str] = "bitsandbytes"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[bnb]'"
+    requires: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"})
 
     def detect(self, model: nn.Module) -> str | None:
@@ -69,7 +69,7 @@ class BitsAndBytesBackend(QuantBackend):
             return True
         if isinstance(module, _layer_classes()) and name.rsplit(".", 1)[-1] == "weight":
             return True  # the packed weight, whatever class a wrapper gave it
-        return (not param.is_floating_point()) or is_wrapper_subclass(param)
+        return super().is_quantized_param(name, param, module)  # the shared storage rule
 
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         # peft 0.21 prepare_model_for_kbit_training: fp16/bf16 non-storage params go to fp32

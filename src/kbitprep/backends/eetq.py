@@ -44,6 +44,7 @@ class EetqBackend(QuantBackend):
     name: ClassVar[str] = "eetq"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[eetq]'"
+    requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"eetq"})
 
     def detect(self, model: nn.Module) -> str | None:

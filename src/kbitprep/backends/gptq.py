@@ -107,6 +107,7 @@ class GptqBackend(QuantBackend):
     name: ClassVar[str] = "gptq"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[gptq]'"
+    requires: ClassVar[tuple[str, ...]] = ("gptqmodel",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"gptq"})
 
     def detect(self, model: nn.Module) -> str | None:

@@ -60,6 +60,7 @@ class HqqBackend(QuantBackend):
     name: ClassVar[str] = "hqq"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[hqq]'"
+    requires: ClassVar[tuple[str, ...]] = ("hqq",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"hqq"})
 
     def detect(self, model: nn.Module) -> str | None:

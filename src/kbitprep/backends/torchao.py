@@ -39,6 +39,7 @@ class TorchAoBackend(QuantBackend):
     name: ClassVar[str] = "torchao"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[torchao]'"
+    requires: ClassVar[tuple[str, ...]] = ("torchao",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"torchao"})
 
     def detect(self, model: nn.Module) -> str | None:
@@ -55,7 +56,7 @@ class TorchAoBackend(QuantBackend):
         return detect_in_tiers(model, self.quant_methods, layers)
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        return (not param.is_floating_point()) or is_wrapper_subclass(param)
+        return super().is_quantized_param(name, param, module)  # the shared storage rule
 
     def check_trainable(self, model: nn.Module) -> None:
         """Probe each quantized linear functionally with a grad-requiring input (train semantics,
