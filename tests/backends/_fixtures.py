@@ -86,6 +86,29 @@ def quantize_gptq(src: str, dst: str, device_map: str = "cpu") -> str:
     return dst
 
 
+# -- AWQ -------------------------------------------------------------------------------------
+
+
+def quantize_awq(src: str, dst: str) -> str:
+    """Quantize the fp16 tiny model at ``src`` to 4-bit AWQ (asymmetric, group 32) with
+    auto-round 0.16.1's round-to-nearest (``iters=0``, ``disable_opt_rtn=True``: no calibration
+    set is downloaded) and export it in the ``auto_awq`` format; returns the checkpoint folder."""
+    import logging
+
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM
+
+    found = sorted(Path(dst).glob("**/config.json"))
+    if found:
+        return str(found[0].parent)
+    logging.getLogger("auto_round").setLevel(logging.ERROR)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+    rounder = AutoRound(model, word_tokenizer(), bits=4, group_size=32, sym=False, iters=0, disable_opt_rtn=True)
+    rounder.quantize_and_save(dst, format="auto_awq")
+    # auto-round 0.16.1 writes into a sub-folder named after the model and the scheme
+    return str(sorted(Path(dst).glob("**/config.json"))[0].parent)
+
+
 # -- AQLM ------------------------------------------------------------------------------------
 
 

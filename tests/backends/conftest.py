@@ -23,6 +23,18 @@ def gptq_dir(model_root: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def awq_dir(model_root: str) -> str:
+    """The tiny Llama quantized to 4-bit AWQ (group 32) by auto-round on CPU, saved once."""
+    pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0)")
+    pytest.importorskip("auto_round", reason="auto-round is not installed (pip install auto-round==0.16.1)")
+    from _fixtures import quantize_awq
+
+    from _models import saved_tiny
+
+    return quantize_awq(saved_tiny(model_root, "float16"), str(Path(model_root) / "awq-4bit-g32"))
+
+
+@pytest.fixture(scope="session")
 def aqlm_dirs(model_root: str) -> dict[str, str]:
     """The four synthesized AQLM checkpoints of C17, by variant: a, b (1x16) and c (2x8)."""
     pytest.importorskip("aqlm", reason="aqlm is not installed (pip install 'aqlm[cpu]')")

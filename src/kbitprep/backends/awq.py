@@ -1,0 +1,185 @@
+"""AWQ: activation-aware 4-bit weights, served by gptqmodel on transformers 5 and by autoawq
+(``WQLinear_*``) on transformers 4.
+
+An AWQ GEMM layer keeps its weight in buffers: ``qweight`` int32 ``(in, out·bits/32)`` (eight
+4-bit codes per int32, AWQ's interleaved order), ``qzeros`` int32 ``(in/group, out·bits/32)`` and
+``scales`` fp16/bf16 ``(in/group, out)`` (gptqmodel 7.6.0 ``AWQuantLinear``; the same names in
+autoawq 0.2). The layer dequantizes into its input's dtype (``TorchAtenAwqLinear``) or the
+``scales`` dtype, so nothing is upcast under ``upcast="auto"``, as for GPTQ (case C05).
+
+gptqmodel's CPU kernels ``TorchAtenAwqLinear`` and ``TorchFusedAwqLinear`` choose a mode on their
+first forward, exactly like the GPTQ kernels of case C14: an eval-mode forward whose input does
+not require grad repacks the weight for ``aten._weight_int4pack_mm_for_cpu`` under
+``torch.no_grad`` and sets ``linear_mode="inference"`` for good; any other first forward sets
+``"train"``. ``AwqTorchLinear`` (``AwqConfig(backend="torch_awq")``) has no such mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kbitprep._errors import NotTrainableError
+from kbitprep.backends.base import (
+    QuantBackend,
+    UndoFn,
+    config_quant_method,
+    detect_in_tiers,
+    legacy_quant_method,
+    loaded_module,
+    modules_of_type,
+)
+
+__all__ = ["AwqBackend"]
+
+logger = logging.getLogger(__name__)
+
+STORAGE_NAMES = frozenset({"qweight", "qzeros", "scales"})
+"""Names of an AWQ layer's quantized tensors (gptqmodel 7.6.0, autoawq 0.2)."""
+
+_INFERENCE = "inference"  # gptqmodel's LinearMode is a str Enum: LinearMode.INFERENCE == "inference"
+_TRAIN = "train"
+
+
+def _supports_awq(cls: type) -> bool:
+    methods = getattr(cls, "SUPPORTS_METHODS", None) or ()
+    return any(str(getattr(m, "value", m)).lower() == "awq" for m in methods)
+
+
+def _gptqmodel_base() -> tuple[type, ...]:
+    """gptqmodel's ``BaseQuantLinear`` if gptqmodel is imported (nothing is imported here). Its
+    GPTQ kernels share the base, so only classes listing AWQ in ``SUPPORTS_METHODS`` count."""
+    qlinear = loaded_module("gptqmodel.nn_modules.qlinear")
+    base = getattr(qlinear, "BaseQuantLinear", None) if qlinear is not None else None
+    return (base,) if isinstance(base, type) else ()
+
+
+def _autoawq_classes() -> tuple[type, ...]:
+    """autoawq's ``WQLinear*`` classes of the ``awq.modules.linear.*`` modules already imported."""
+    classes: list[type] = []
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("awq.modules.linear") and mod is not None:
+            classes.extend(v for k, v in vars(mod).items() if k.startswith("WQLinear") and isinstance(v, type))
+    return tuple(classes)
+
+
+def _is_awq_layer(module: nn.Module) -> bool:
+    base, autoawq = _gptqmodel_base(), _autoawq_classes()
+    if base and isinstance(module, base):
+        return _supports_awq(type(module))
+    return bool(autoawq) and isinstance(module, autoawq)
+
+
+def _awq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    classes = _gptqmodel_base() + _autoawq_classes()
+    return [(n, m) for n, m in modules_of_type(model, classes) if _is_awq_layer(m)]
+
+
+class AwqBackend(QuantBackend):
+    """Strategy for AWQ models (transformers ``AwqConfig``: gptqmodel on transformers 5,
+    autoawq on transformers 4; auto-round's ``auto_awq`` export is one of them).
+
+    Nothing is upcast under ``upcast="auto"`` and the quantized buffers are never touched. The
+    kernel-mode latch of gptqmodel's CPU AWQ kernels is guarded as for GPTQ (case C14):
+    :meth:`before_training` pins every layer that has not chosen a mode to ``"train"``, and
+    :meth:`check_trainable` refuses layers an earlier eval forward already latched.
+    """
+
+    name: ClassVar[str] = "awq"
+    priority: ClassVar[int] = 0
+    install_hint: ClassVar[str] = "pip install 'kbitprep[gptq]'"
+    quant_methods: ClassVar[frozenset[str]] = frozenset({"awq"})
+
+    def detect(self, model: nn.Module) -> str | None:
+        def layers(m: nn.Module) -> str | None:
+            found = Counter(type(module).__name__ for _n, module in _awq_layers(m))
+            if not found:
+                return None
+            parts = [f"{n} AWQ {cls} module{'s' if n != 1 else ''}" for cls, n in sorted(found.items())]
+            return "found " + ", ".join(parts)
+
+        return detect_in_tiers(model, self.quant_methods, layers)
+
+    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        """AWQ storage (``qweight``, ``qzeros``, ``scales``) should a layer register it as
+        parameters rather than buffers; otherwise the base rule."""
+        if name.rpartition(".")[2] in STORAGE_NAMES and _is_awq_layer(module):
+            return True
+        return super().is_quantized_param(name, param, module)
+
+    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
+        """The dtype of an AWQ layer's ``scales`` (fp16 or bf16), the dtype its kernel computes in."""
+        if not _is_awq_layer(module):
+            return None
+        scales = getattr(module, "scales", None)
+        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
+            return scales.dtype
+        return None
+
+    def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """The ``scales`` dtype most AWQ layers hold (the load dtype), or ``None`` without layers."""
+        dtypes = Counter(d for _n, m in _awq_layers(model) if (d := self.input_dtype(m)) is not None)
+        return dtypes.most_common(1)[0][0] if dtypes else None
+
+    def check_trainable(self, model: nn.Module) -> None:
+        """Refuse a model whose gptqmodel CPU AWQ layers already latched into inference mode.
+
+        Reads ``linear_mode`` from the modules; never runs a forward.
+
+        Raises:
+            NotTrainableError: At least one layer has ``linear_mode == "inference"`` (set by an
+                eval-mode forward under ``torch.no_grad`` on CPU, gptqmodel 7.6.0); the message
+                counts them. Also when the transformers quantizer reports ``is_trainable`` False
+                (transformers 5.24 ``AwqQuantizer``: gptqmodel older than 5.0).
+        """
+        super().check_trainable(model)
+        layers = _awq_layers(model)
+        latched = [n for n, m in layers if getattr(m, "linear_mode", None) == _INFERENCE]
+        if latched:
+            total = sum(1 for _n, m in layers if hasattr(m, "linear_mode"))
+            raise NotTrainableError(
+                f"{len(latched)} of {total} AWQ layers (first: {latched[0]!r}) have "
+                "linear_mode='inference': an eval-mode forward under torch.no_grad already ran and "
+                "gptqmodel repacked their weights for an int4 CPU matmul that has no backward, so "
+                "adapters would silently get no gradient. Reload the model and call prepare before "
+                'any forward, or load it with AwqConfig(bits=4, backend="torch_awq") '
+                "(AwqTorchLinear has no such mode)."
+            )
+
+    def before_training(self, model: nn.Module) -> UndoFn | None:
+        """Pin every AWQ layer whose ``linear_mode`` is still None to ``"train"``.
+
+        gptqmodel 7.6.0 latches the inference mode only while ``linear_mode is None``, so a later
+        eval no-grad forward keeps the layer differentiable. Returns an undo that sets the pinned
+        layers back to None.
+        """
+        pinned: list[nn.Module] = []
+        for _name, module in _awq_layers(model):
+            if hasattr(module, "linear_mode") and module.linear_mode is None:
+                module.linear_mode = _TRAIN
+                pinned.append(module)
+        if not pinned:
+            return None
+        logger.info("Pinned %d AWQ layers to linear_mode='train'", len(pinned))
+
+        def undo() -> None:
+            for module in pinned:
+                if getattr(module, "linear_mode", None) == _TRAIN:
+                    setattr(module, "linear_mode", None)  # noqa: B010 (nn.Module's setattr typing)
+
+        return undo
+
+    def plan_warnings(self, model: nn.Module) -> list[str]:
+        evidence = config_quant_method(model) or legacy_quant_method(model)
+        if evidence is not None and evidence[0] in self.quant_methods and not _awq_layers(model):
+            return [
+                f"The model is flagged AWQ ({evidence[1]}) but holds no AWQ layer: its linears are "
+                "probably plain and randomly initialised (the checkpoint's qweight/scales were not "
+                "loaded). Check the load report for UNEXPECTED qweight keys."
+            ]
+        return []
