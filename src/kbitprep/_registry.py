@@ -46,6 +46,7 @@ ENTRY_POINT_GROUP = "kbitprep.backends"
 # (built-in backend modules import only torch).
 _BUILTINS: dict[str, str] = {
     "aqlm": "kbitprep.backends.aqlm:AqlmBackend",
+    "awq": "kbitprep.backends.awq:AwqBackend",
     "bitsandbytes": "kbitprep.backends.bitsandbytes:BitsAndBytesBackend",
     "eetq": "kbitprep.backends.eetq:EetqBackend",
     "fp8": "kbitprep.backends.fp8:Fp8Backend",
