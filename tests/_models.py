@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
+
+# transformers 5.24 _activation_checkpointing_enable calls enable_input_require_grads for a model
+# whose main_input_name is "input_ids"; transformers 4.57's gradient_checkpointing_enable does not
+ENABLE_ADDS_INPUT_GRAD_HOOK = int(transformers.__version__.split(".")[0]) >= 5
 
 TINY = dict(
     hidden_size=64,

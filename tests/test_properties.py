@@ -474,11 +474,9 @@ def check_prepare(model: nn.Module, s: Scenario) -> tuple[kbitprep.PreparationRe
     modules = dict(model.named_modules())
     for name in p.input_grad_modules:
         assert kbitprep._checkpointing.has_input_grad_hook(modules[name])
-    for name, dtype in p.input_casts:
-        hooks = [
-            h for h in modules[name]._forward_pre_hooks.values() if getattr(h, "_kbitprep_hook", None) == "input_cast"
-        ]
-        assert len(hooks) == 1 and str(hooks[0].dtype) == dtype
+    for row in p.precision:
+        spec = kbitprep._compute.spec_of(modules[row.name])
+        assert spec is not None and str(spec.dtype) == row.computes
 
     # a second prepare changes nothing and records nothing
     second, _ = _prepare(model, s)

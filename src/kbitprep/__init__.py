@@ -18,9 +18,10 @@ from kbitprep._errors import (
     NotTrainableError,
     UnknownBackendError,
 )
-from kbitprep._trainable import TrainabilityOverride, mark_trainable
 from kbitprep._prepare import (
     CastItem,
+    ModelInput,
+    ModulePrecision,
     PreparationPlan,
     PreparationReport,
     plan,
@@ -35,6 +36,7 @@ from kbitprep._registry import (
     get_backend,
     register_backend,
 )
+from kbitprep._trainable import TrainabilityOverride, mark_trainable
 from kbitprep.backends.base import QuantBackend
 
 __version__ = "0.1.0"
@@ -49,6 +51,8 @@ __all__ = [
     "InvalidModelError",
     "KbitPrepError",
     "KbitPrepWarning",
+    "ModelInput",
+    "ModulePrecision",
     "NotShardableError",
     "NotTrainableError",
     "PreparationPlan",

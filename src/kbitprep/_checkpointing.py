@@ -9,6 +9,7 @@ uses the name that exists without a deprecation warning.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -25,11 +26,13 @@ __all__ = [
     "current_use_reentrant",
     "disable",
     "enable",
+    "enable_installs_input_grads",
     "entry_modules",
     "has_input_grad_hook",
     "is_enabled",
     "resolve_kwargs",
     "supports",
+    "supports_layout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,13 +117,48 @@ def current_use_reentrant(model: nn.Module) -> bool | None:
     return None
 
 
-def enable(model: nn.Module, kwargs: dict[str, Any]) -> None:
-    """Turn checkpointing on with ``kwargs`` (``use_reentrant`` explicit)."""
+def enable(model: nn.Module, kwargs: dict[str, Any], every_n_layers: int = 1, offload: bool = False) -> None:
+    """Turn checkpointing on with ``kwargs`` (``use_reentrant`` explicit).
+
+    ``every_n_layers`` and ``offload`` are transformers 5.24 ``activation_checkpointing_enable``
+    arguments; on transformers 4 only their defaults exist (the plan refuses others).
+    """
     hf: Any = model  # a transformers PreTrainedModel; its methods are not on nn.Module
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        layout: dict[str, Any] = {}
+        if every_n_layers != 1:
+            layout["every_n_layers"] = every_n_layers
+        if offload:
+            layout["offload"] = True
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **layout)
     else:  # transformers 4
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def supports_layout(model: nn.Module) -> bool:
+    """Whether the enabling call takes ``every_n_layers`` and ``offload`` (transformers 5.24+)."""
+    method = getattr(type(model), "activation_checkpointing_enable", None)
+    if method is None:
+        return False
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "every_n_layers" in params and "offload" in params
+
+
+def enable_installs_input_grads(model: nn.Module) -> bool:
+    """Whether transformers' own enabling call adds an input-grad hook to the input embeddings.
+
+    transformers 5.24 ``_activation_checkpointing_enable`` calls ``enable_input_require_grads``
+    when ``main_input_name == "input_ids"`` or a peft adapter is loaded through transformers;
+    transformers 4.57 only in the latter case. kbitprep never removes that hook: peft's
+    Activated LoRA relies on the block inputs requiring grad (peft#2826).
+    """
+    peft_loaded = getattr(model, "_hf_peft_config_loaded", False) is True
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        return peft_loaded or getattr(model, "main_input_name", None) == "input_ids"
+    return peft_loaded
 
 
 def disable(model: nn.Module) -> None:

@@ -45,7 +45,15 @@ from torch import nn
 from kbitprep import _checkpointing as ckpt
 from kbitprep._errors import KbitPrepWarning
 
-__all__ = ["adapter_param_ids", "guard_checkpointing", "internal_enable", "unwrap_model"]
+__all__ = [
+    "adapter_param_ids",
+    "checkpoint_blocks",
+    "enable_recorded",
+    "guard_checkpointing",
+    "install_selective",
+    "internal_enable",
+    "unwrap_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +124,7 @@ def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # turned on after prepare (a trainer, or the user): adapters must still get gradients
         # whatever the call order (C11); transformers 4.57 adds no input-grad hook here
         result = original(*args, **kwargs)
-        if ckpt.current_use_reentrant(self):
+        if ckpt.current_use_reentrant(self) or ckpt.enable_installs_input_grads(self):
             _ensure_entry_hooks(self, state)
         return result
     requested, every_n_layers, offload = _requested(args, kwargs)
@@ -124,14 +132,12 @@ def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     default_layout = every_n_layers == 1 and not offload
     if not requested:  # no preference (Trainer passes None when TrainingArguments has no kwargs)
         if default_layout:
-            state.absorbed_enable += 1
-            logger.debug("Checkpointing is already on with %s; %s() changed nothing", current, state.enable_name)
+            _absorb(self, state, current)
             return None
         return original(current, *args[1:], **{k: v for k, v in kwargs.items() if not k.endswith("_kwargs")})
     if _normalise(requested) == current:
         if default_layout:
-            state.absorbed_enable += 1
-            logger.debug("Checkpointing is already on with %s; %s() changed nothing", current, state.enable_name)
+            _absorb(self, state, current)
             return None
         return original(*args, **kwargs)
     wanted = _normalise(requested)
@@ -147,9 +153,18 @@ def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         stacklevel=3,
     )
     result = original(*args, **kwargs)
-    if wanted.get("use_reentrant"):
+    if wanted.get("use_reentrant") or ckpt.enable_installs_input_grads(self):
         _ensure_entry_hooks(self, state)
     return result
+
+
+def _absorb(model: nn.Module, state: _GuardState, current: Mapping[str, Any]) -> None:
+    """An enable call answered without re-enabling: still leave what the call itself would
+    have installed for training to work (transformers 5's input-grad hook, C18)."""
+    state.absorbed_enable += 1
+    if current.get("use_reentrant") or ckpt.enable_installs_input_grads(model):
+        _ensure_entry_hooks(model, state)
+    logger.debug("Checkpointing is already on with %s; %s() changed nothing", current, state.enable_name)
 
 
 def _ensure_entry_hooks(model: nn.Module, state: _GuardState) -> None:
@@ -267,3 +282,103 @@ def _param_ids(sub: object) -> set[int]:
     if isinstance(sub, torch.Tensor):
         return {id(sub)}
     return set()
+
+
+# -- turning checkpointing on, recorded for undo -------------------------------------------------
+
+_MISSING = object()
+_HANDLE_ATTRS = ("_require_grads_hooks", "_require_grads_hook")
+
+
+def enable_recorded(
+    base: nn.Module,
+    kwargs: dict[str, Any],
+    every_n_layers: int,
+    offload: bool,
+    log_add: Callable[[Callable[[], None]], None],
+) -> None:
+    """Turn checkpointing on through transformers' own call and record how to undo it.
+
+    Whatever that call installs for training to work (transformers 5 adds an input-grad hook to
+    the input embeddings) is kept; undo removes exactly what it added and puts back the
+    per-module checkpointing attributes and transformers' handle bookkeeping
+    (``_require_grads_hooks``), also when checkpointing was already on in another mode.
+    """
+    before_ids = {id(h) for h in getattr(base, "_require_grads_hooks", None) or []}
+    saved_attrs = [
+        (m, a, m.__dict__.get(a, _MISSING))
+        for m in base.modules()
+        if hasattr(m, "gradient_checkpointing")
+        for a in ("gradient_checkpointing", "_gradient_checkpointing_func")
+    ]
+    saved_handles = {a: vars(base).get(a, _MISSING) for a in _HANDLE_ATTRS}
+    hooked = {id(m._forward_hooks) for m in base.modules() if ckpt.has_input_grad_hook(m)}
+    before = list(getattr(base, "_require_grads_hooks", None) or [])
+    with internal_enable():  # past our own guard on a second prepare
+        ckpt.enable(base, kwargs, every_n_layers, offload)
+    added = [h for h in (getattr(base, "_require_grads_hooks", None) or []) if id(h) not in before_ids]
+    # an embedding that already had an input-grad hook keeps that one; the call's second is dropped
+    for handle in [h for h in added if id(h.hooks_dict_ref()) in hooked]:
+        handle.remove()
+        added.remove(handle)
+    if added or before:
+        hf: Any = base
+        hf._require_grads_hooks = before + added
+        hf._require_grads_hook = (before + added)[0]
+
+    def restore() -> None:
+        for handle in added:
+            handle.remove()
+        for module, attr, value in saved_attrs:
+            _put_back(module, attr, value)
+        for attr, value in saved_handles.items():
+            _put_back(base, attr, value)
+
+    log_add(restore)
+
+
+def _put_back(obj: Any, attr: str, value: Any) -> None:
+    if value is not _MISSING:
+        setattr(obj, attr, value)
+    elif attr in vars(obj):
+        delattr(obj, attr)
+
+
+def checkpoint_blocks(base: nn.Module) -> list[nn.Module]:
+    """The repeated blocks transformers checkpoints (``GradientCheckpointingLayer`` instances)."""
+    layers = sys.modules.get("transformers.modeling_layers")
+    cls = getattr(layers, "GradientCheckpointingLayer", None)
+    if cls is None:
+        return []
+    return [m for m in base.modules() if isinstance(m, cls)]
+
+
+def _has_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def install_selective(base: nn.Module, log_add: Callable[[Callable[[], None]], None]) -> None:
+    """Checkpoint only the blocks that hold trainable parameters (as LLaMA-Factory does).
+
+    Adapters are usually attached after ``prepare``, so the choice is made at the start of
+    every training forward: a forward pre-hook on ``base`` turns each block's
+    ``gradient_checkpointing`` flag off when the block holds no trainable parameter, and back to
+    what ``activation_checkpointing_enable`` set (``every_n_layers`` included) when it does.
+    """
+    blocks = checkpoint_blocks(base)
+    flags = {id(b): bool(getattr(b, "gradient_checkpointing", False)) for b in blocks}
+
+    def choose(module: nn.Module, args: Any) -> None:
+        if not module.training:
+            return
+        for block in blocks:
+            block.gradient_checkpointing = flags.get(id(block), False) and _has_trainable(block)
+
+    handle = base.register_forward_pre_hook(choose)
+
+    def remove() -> None:
+        handle.remove()
+        for block in blocks:
+            block.gradient_checkpointing = flags.get(id(block), False)
+
+    log_add(remove)

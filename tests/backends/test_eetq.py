@@ -93,7 +93,7 @@ def test_eetq_is_detected_in_every_tier_and_never_upcast(flag: str | None) -> No
     }[flag]
     assert detection.reason == expected
     p = plan(model)
-    assert (p.casts, p.bytes_delta, p.input_casts) == ((), 0, ())
+    assert (p.casts, p.bytes_delta, p.precision) == ((), 0, ())
 
 
 @pytest.mark.parametrize("upcast", UPCASTS, ids=UPCAST_IDS)

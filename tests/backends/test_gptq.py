@@ -81,7 +81,7 @@ def test_gptq_prepare_pins_train_mode_so_an_eval_forward_cannot_stop_gradients(
     assert p.backend == "gptq"
     assert p.casts == ()
     assert p.bytes_delta == 0
-    assert p.input_casts == ()
+    assert p.precision == ()
 
     report = prepare(model)
     assert [m.linear_mode for m in _aten_layers(model)] == ["train"] * N_LINEARS
@@ -285,7 +285,7 @@ def test_toy_gptq_layer_gets_fp16_inputs_under_upcast_all() -> None:
     with pytest.warns(KbitPrepWarning, match="expect their own compute"):
         report = prepare(model, upcast="all")
     assert len(report.casts) == N_PLAIN
-    assert {d for _n, d in report.input_casts if "proj" in _n} == {"torch.float16"}
+    assert {m.computes for m in report.precision if "proj" in m.name} == {"torch.float16"}
     model.train()
     out = model(input_ids=standard_batch(), labels=standard_batch())
     assert torch.isfinite(out.loss)

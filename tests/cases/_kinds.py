@@ -224,3 +224,12 @@ def plan_dtype(p: Any, model: Any, name: str) -> torch.dtype:
         if c.name == name or name in c.tied:
             return getattr(torch, c.to_dtype.removeprefix("torch."))  # type: ignore[no-any-return]
     return dict(model.named_parameters())[name].dtype  # type: ignore[no-any-return]
+
+
+def plan_compute_dtype(p: Any, model: Any, module: str) -> torch.dtype:
+    """The dtype module ``module`` computes in after the plan: its ``precision`` row's when the
+    plan lists it (a weight stored narrower is brought up at use), else its weight's plan dtype."""
+    for row in p.precision:
+        if row.name == module:
+            return getattr(torch, row.computes.removeprefix("torch."))  # type: ignore[no-any-return]
+    return plan_dtype(p, model, f"{module}.weight")

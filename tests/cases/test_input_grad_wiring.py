@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import TINY, add_lora, grad_counts, hook_count, standard_step
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY, add_lora, grad_counts, hook_count, standard_step
 from cases._kinds import CPU_KINDS, bnb4, plain
 
 REENTRANT = {"use_reentrant": True}
@@ -55,9 +55,13 @@ def tiny_llava() -> Any:
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
-    # as PEFT's and TRL's tests mock it: preparation turns checkpointing on
+    # PEFT's and TRL's tests mock a quantized model with this flag; kbitprep judges from the
+    # storage (none here), so the tests force the bitsandbytes policy to get checkpointing on
     model.is_loaded_in_4bit = True  # type: ignore[assignment]
     return model
+
+
+LLAVA = {"backend": "bitsandbytes"}
 
 
 def llava_step(model: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -103,7 +107,7 @@ def test_vision_tower_adapters_get_gradients_under_reentrant_checkpointing(
 
         monkeypatch.setattr(PreTrainedModel, "enable_input_require_grads", lambda self: None)
     model = tiny_llava()
-    report = _prepare(model, gradient_checkpointing_kwargs=REENTRANT)
+    report = _prepare(model, gradient_checkpointing_kwargs=REENTRANT, **LLAVA)
     assert report.use_reentrant is True and report.input_grad_hook is True
     for module in _llava_entries(model):
         assert hook_count(module) == 1
@@ -113,11 +117,11 @@ def test_vision_tower_adapters_get_gradients_under_reentrant_checkpointing(
 
 
 def test_vision_tower_adapters_get_gradients_by_default() -> None:
-    """C09: a default prepare is non-reentrant, reports input_grad_hook False, and both
-    towers' LoRA tensors get grads: vision 8/8, text 8/8."""
+    """C09: a default prepare is non-reentrant, reports the input-grad hook transformers 5's
+    enable installs (kept, C18), and both towers' LoRA tensors get grads: vision 8/8, text 8/8."""
     model = tiny_llava()
-    report = _prepare(model)
-    assert report.use_reentrant is False and report.input_grad_hook is False
+    report = _prepare(model, **LLAVA)
+    assert report.use_reentrant is False and report.input_grad_hook is ENABLE_ADDS_INPUT_GRAD_HOOK
     vision, text = llava_step(model)
     assert vision[:2] == (8, 8) and text[:2] == (8, 8)
 
@@ -152,13 +156,13 @@ def _missing(self: Any) -> Any:
 def test_input_embedding_lookup_failures_do_not_crash_and_adapters_train(how: str, model_root: str) -> None:
     """C10: with get_input_embeddings raising NotImplementedError, missing (hasattr False) or
     returning None, on the bnb 4-bit model: the default prepare does not raise, reports
-    use_reentrant False and input_grad_hook False, and the standard step gives 8 grads, 4
+    use_reentrant False and the input-grad hook transformers 5 installs, and the standard step gives 8 grads, 4
     non-zero; with use_reentrant=True prepare does not raise, model.model.embed_tokens (the
     first nn.Embedding) carries exactly one forward hook, and the step gives 8 grads, 4
     non-zero."""
     model = _break_input_embeddings(bnb4(model_root), how)
     report = _prepare(model)
-    assert report.use_reentrant is False and report.input_grad_hook is False
+    assert report.use_reentrant is False and report.input_grad_hook is ENABLE_ADDS_INPUT_GRAD_HOOK
     loss, grads = standard_step(add_lora(model))
     assert grad_counts(grads) == (8, 8, 4)
 

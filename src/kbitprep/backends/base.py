@@ -194,7 +194,12 @@ class QuantBackend(abc.ABC):
         """The dtype the quantized layers compute in (bitsandbytes ``bnb_4bit_compute_dtype``,
         a GPTQ layer's ``scales`` dtype, an HQQ layer's ``compute_dtype``), or ``None`` when the
         layers do not say. The plan's ``compute_dtype`` is this, else the upcast dtype, else the
-        model's dtype. Never read from quantized storage. Default: ``None``."""
+        model's dtype. Never read from quantized storage. Default: the first floating
+        :meth:`input_dtype` a layer of ``model`` reports, else ``None``."""
+        for module in model.modules():
+            dtype = self.input_dtype(module)
+            if dtype is not None and dtype.is_floating_point and not is_storage_dtype(dtype):
+                return dtype
         return None
 
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:

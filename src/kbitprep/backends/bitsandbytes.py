@@ -71,6 +71,21 @@ class BitsAndBytesBackend(QuantBackend):
             return True  # the packed weight, whatever class a wrapper gave it
         return super().is_quantized_param(name, param, module)  # the shared storage rule
 
+    def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """4-bit: the layers' ``compute_dtype`` (``bnb_4bit_compute_dtype``; bitsandbytes 0.50
+        ``Linear4bit`` casts its input to it and returns the input's dtype), else the config's.
+        8-bit layers compute in their input's dtype: ``None``."""
+        linear4 = getattr(loaded_module("bitsandbytes.nn"), "Linear4bit", None)
+        for _name, module in modules_of_type(model, (linear4,) if linear4 is not None else ()):
+            dtype = getattr(module, "compute_dtype", None)
+            if isinstance(dtype, torch.dtype):
+                return dtype
+        qc = getattr(getattr(model, "config", None), "quantization_config", None)
+        value = qc.get("bnb_4bit_compute_dtype") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_compute_dtype", None)
+        if isinstance(value, str):
+            value = getattr(torch, value.removeprefix("torch."), None)
+        return value if isinstance(value, torch.dtype) else None
+
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         # peft 0.21 prepare_model_for_kbit_training: fp16/bf16 non-storage params go to fp32
         return param.dtype in (torch.float16, torch.bfloat16)

@@ -1,0 +1,160 @@
+"""The checkpointing step: its planner and its apply step.
+
+``use_reentrant`` is always explicit: the caller's, else ``False``, else what the distributed
+engine requires. Whatever transformers' own enabling call installs for training to work is
+kept and reported, never removed (C18's kind); kbitprep adds the input-grad hook reentrant
+checkpointing needs where the call adds none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kbitprep import _checkpointing as ckpt
+from kbitprep import _hf
+from kbitprep._context import Context, Step
+from kbitprep._errors import InvalidArgumentError
+from kbitprep._plan import PreparationPlan, UndoLog
+
+__all__ = ["apply_checkpointing", "plan_checkpointing"]
+
+
+def _mode(ctx: Context, step: Step) -> tuple[bool, bool | None, bool]:
+    """(checkpointing on after prepare, use_reentrant, kept on as found) and the warnings that
+    explain it."""
+    opts, strategy, base = ctx.options, ctx.strategy, ctx.base
+    gc = opts.use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
+    already = ckpt.is_enabled(base)
+    if gc and not ckpt.supports(base) and not already:
+        step.warnings.append(
+            f"{type(base).__name__} has no gradient checkpointing switch (no activation_checkpointing_enable "
+            "/ gradient_checkpointing_enable, or supports_gradient_checkpointing is False); checkpointing "
+            "stays off, so activations use more memory. Pass use_gradient_checkpointing=False to silence this."
+        )
+        return False, None, False
+    if gc:
+        keep_mode = strategy.unquantized and already and not opts.kwargs_given
+        return (
+            True,
+            ckpt.current_use_reentrant(base) if keep_mode else bool(opts.checkpoint_kwargs["use_reentrant"]),
+            False,
+        )
+    if already:
+        reentrant = ckpt.current_use_reentrant(base)
+        step.warnings.append(
+            f"Gradient checkpointing was already on (use_reentrant={reentrant}) and stays on: kbitprep does "
+            "not turn it off. Call model.activation_checkpointing_disable() (gradient_checkpointing_disable "
+            "on transformers 4) before prepare if you want it off."
+        )
+        return True, reentrant, True
+    if strategy.unquantized and opts.use_gradient_checkpointing:
+        step.warnings.append(
+            "Gradient checkpointing left off because the model is not quantized (as peft does). Turn it on "
+            "with model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': "
+            "False}) (gradient_checkpointing_enable on transformers 4) if you need it."
+        )
+    return False, None, False
+
+
+def _engine_reentrant(ctx: Context, reentrant: bool | None) -> bool | None:
+    required = ctx.distributed.use_reentrant
+    if reentrant is None or required is None or reentrant == required:
+        return reentrant
+    if ctx.options.kwargs_given:
+        raise InvalidArgumentError(
+            f"use_reentrant={reentrant} cannot be combined with distributed={ctx.distributed.mode!r}, which "
+            f"needs use_reentrant={required}. Pass gradient_checkpointing_kwargs={{'use_reentrant': "
+            f"{required}}} or leave it out."
+        )
+    return required
+
+
+def _check_layout(ctx: Context, gc: bool) -> None:
+    opts = ctx.options
+    asked = opts.activation_offload or opts.checkpoint_every_n_layers != 1
+    if asked and gc and not ckpt.supports_layout(ctx.base):
+        raise InvalidArgumentError(
+            f"activation_offload={opts.activation_offload} / checkpoint_every_n_layers="
+            f"{opts.checkpoint_every_n_layers} need transformers' activation_checkpointing_enable with "
+            f"offload and every_n_layers (transformers 5.24+); {type(ctx.base).__name__} has none. Upgrade "
+            "transformers, or leave both at their defaults."
+        )
+
+
+def _blocks(ctx: Context, gc: bool) -> tuple[int, int] | None:
+    blocks = _hf.checkpoint_blocks(ctx.base)
+    if not gc or not blocks:
+        return None
+    every = ctx.options.checkpoint_every_n_layers
+    chosen = [b for i, b in enumerate(blocks) if i % every == 0]
+    if ctx.options.checkpoint_trainable_blocks_only:
+        chosen = [b for b in chosen if any(p.requires_grad and id(p) in _adapter_ids(ctx) for p in b.parameters())]
+    return len(chosen), len(blocks)
+
+
+def _adapter_ids(ctx: Context) -> set[int]:
+    return {id(e.param) for e in ctx.inventory if e.adapter}
+
+
+def plan_checkpointing(ctx: Context) -> Step:
+    """Checkpointing on or off, its mode and layout, and the input-grad wiring."""
+    step = Step()
+    gc, reentrant, kept_on = _mode(ctx, step)
+    reentrant = _engine_reentrant(ctx, reentrant)
+    _check_layout(ctx, gc)
+    entries = ckpt.entry_modules(ctx.base) if gc else []
+    installs = gc and (bool(reentrant) or ckpt.enable_installs_input_grads(ctx.base))
+    hooked = any(ckpt.has_input_grad_hook(m) for _n, m in entries)
+    if gc and reentrant and not entries:
+        step.warnings.append(
+            "Reentrant checkpointing was requested but the model has no input embedding module "
+            "(get_input_embeddings is missing or fails, and there is no nn.Embedding): adapters inside "
+            "checkpointed blocks will get no gradient. Use use_reentrant=False."
+        )
+    use_cache = getattr(getattr(ctx.base, "config", None), "use_cache", None)
+    kwargs = dict(ctx.options.checkpoint_kwargs)
+    if reentrant is not None:
+        kwargs["use_reentrant"] = reentrant
+    step.fields.update(
+        gradient_checkpointing=gc,
+        use_reentrant=reentrant,
+        input_grad_hook=bool(entries) and (installs or hooked),
+        input_grad_modules=tuple(ctx.prefix + n for n, _m in entries) if (installs or hooked) else (),
+        use_cache_off=((gc and not kept_on) or ctx.distributed.mode is not None) and use_cache is True,
+        checkpoint_kwargs=kwargs,
+        activation_offload=gc and ctx.options.activation_offload,
+        checkpoint_every_n_layers=ctx.options.checkpoint_every_n_layers if gc else 1,
+        checkpoint_trainable_blocks_only=gc and ctx.options.checkpoint_trainable_blocks_only,
+        checkpointed_blocks=_blocks(ctx, gc),
+    )
+    return step
+
+
+def _needs_enable(base: nn.Module, p: PreparationPlan) -> bool:
+    if not ckpt.is_enabled(base) or ckpt.current_use_reentrant(base) != p.use_reentrant:
+        return True
+    return p.activation_offload or p.checkpoint_every_n_layers != 1
+
+
+def apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
+    """Turn checkpointing on as planned, add the input-grad hooks the plan lists where none is,
+    turn ``use_cache`` off, and guard the model against later enabling calls."""
+    kwargs: dict[str, Any] = dict(p.checkpoint_kwargs)
+    if p.gradient_checkpointing and _needs_enable(base, p):
+        _hf.enable_recorded(base, kwargs, p.checkpoint_every_n_layers, p.activation_offload, log.add)
+    config: Any = getattr(base, "config", None)
+    if p.use_cache_off and config is not None and config.use_cache is True:
+        config.use_cache = False
+        log.add(lambda: setattr(config, "use_cache", True))
+    modules = dict(model.named_modules())
+    for name in p.input_grad_modules:
+        module = modules[name]
+        if not ckpt.has_input_grad_hook(module):
+            log.add(ckpt.add_input_grad_hook(module).remove)
+    if p.checkpoint_trainable_blocks_only:
+        _hf.install_selective(base, log.add)
+    # a Trainer / SFTTrainer enabling checkpointing or input grads again adds no second hook, and
+    # checkpointing turned on later still gets the input-grad wiring (C11)
+    _hf.guard_checkpointing(base, kwargs, log.add)

@@ -1,0 +1,121 @@
+"""What every step planner reads: the model, the resolved strategy, the options and one
+inventory of parameters, taken once per :func:`kbitprep.plan` call."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kbitprep._distributed import DistributedDecision
+from kbitprep._hf import adapter_param_ids
+from kbitprep._options import Options
+from kbitprep.backends.base import QuantBackend, is_storage_dtype
+
+__all__ = ["Context", "ParamEntry", "Step", "matches", "take_inventory"]
+
+
+@dataclass(slots=True)
+class ParamEntry:
+    """One parameter (tied names folded into one entry).
+
+    Attributes:
+        names: Every name it has, first one first.
+        param: The parameter.
+        module: The module that owns it under its first name.
+        storage: Quantized storage (the strategy's ``is_quantized_param``): never cast or trained.
+        adapter: A parameter of an adapter already attached (PEFT tuner layers).
+    """
+
+    names: list[str]
+    param: nn.Parameter
+    module: nn.Module
+    storage: bool = False
+    adapter: bool = False
+
+    @property
+    def plain_float(self) -> bool:
+        """A floating base parameter that is not storage: what casts and compute dtypes are about."""
+        p = self.param
+        return not self.storage and not self.adapter and p.is_floating_point() and not is_storage_dtype(p.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The inputs shared by the step planners; built once by ``plan``.
+
+    Attributes:
+        model: What the caller passed (maybe a ``peft.PeftModel``).
+        base: The transformers model inside it.
+        prefix: ``base``'s name inside ``model`` plus a dot, or ``""``.
+        strategy: The resolved backend strategy.
+        reason: Why that backend was chosen.
+        options: The checked options.
+        inventory: Every parameter of ``model``, in model order.
+        distributed: The distributed step's decision.
+    """
+
+    model: nn.Module
+    base: nn.Module
+    prefix: str
+    strategy: QuantBackend
+    reason: str
+    options: Options
+    inventory: tuple[ParamEntry, ...]
+    distributed: DistributedDecision
+
+
+@dataclass(slots=True)
+class Step:
+    """What one step planner returns: its plan fields and its warnings."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def take_inventory(model: nn.Module, strategy: QuantBackend) -> tuple[ParamEntry, ...]:
+    """Every parameter of ``model`` once, marked as storage or adapter."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_id: dict[int, ParamEntry] = {}
+    adapters = adapter_param_ids(model)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        entry = by_id.get(id(param))
+        if entry is not None:
+            entry.names.append(name)
+            continue
+        owner = modules.get(name.rpartition(".")[0], model)
+        entry = ParamEntry([name], param, owner)
+        entry.adapter = id(param) in adapters
+        entry.storage = not entry.adapter and strategy.is_quantized_param(name, param, owner)
+        by_id[id(param)] = entry
+    return tuple(by_id.values())
+
+
+def matches(pattern: str, names: Iterable[str]) -> bool:
+    """Whether a ``keep_in_low_precision`` pattern names one of ``names`` or its module: exact,
+    dotted suffix (``"lm_head"`` matches ``"model.lm_head.weight"``) or fnmatch glob."""
+    for name in names:
+        module = name.rpartition(".")[0]
+        for candidate in (name, module):
+            if candidate == pattern or candidate.endswith("." + pattern) or fnmatch.fnmatchcase(candidate, pattern):
+                return True
+    return False
+
+
+def prefix_of(model: nn.Module, base: nn.Module) -> str:
+    """``base``'s qualified name inside ``model`` plus a dot (``""`` when they are one)."""
+    if model is base:
+        return ""
+    for name, module in model.named_modules():
+        if module is base:
+            return f"{name}."
+    return ""
+
+
+def nbytes_as(param: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes ``param`` would take in ``dtype``."""
+    return param.numel() * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,223 @@
+"""The records: :class:`PreparationPlan` (what will be done), :class:`PreparationReport` (what
+was done, with ``undo``), and the undo log behind it."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torch import nn
+
+__all__ = ["CastItem", "ModelInput", "ModulePrecision", "PreparationPlan", "PreparationReport", "UndoLog"]
+
+
+@dataclass(frozen=True, slots=True)
+class CastItem:
+    """One parameter the plan casts.
+
+    Attributes:
+        name: Parameter name (the first one when it is tied).
+        shape: Its shape.
+        from_dtype: Current dtype, e.g. ``"torch.bfloat16"`` (as ``str(dtype)``).
+        to_dtype: Target dtype.
+        bytes_before: Storage bytes now (numel × element size).
+        bytes_after: Storage bytes after the cast.
+        tied: Other names of the same parameter (tied weights are cast once).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    from_dtype: str
+    to_dtype: str
+    bytes_before: int
+    bytes_after: int
+    tied: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModulePrecision:
+    """How one module computes when the plan leaves the model in mixed dtypes.
+
+    Attributes:
+        name: Module name.
+        stored: Dtype of its own floating (non-storage) parameters after the casts, or of the
+            quantized layer's compute (``"quantized"`` layers list their kernel's input dtype).
+        computes: The dtype it computes in: its floating inputs are cast to it, and parameters
+            stored narrower are brought up to it at use (never stored).
+        upcast_at_use: Names of its own parameters brought up to ``computes`` at each use.
+        output_to: Dtype its floating outputs are cast to, for a module inside a repeated block
+            (an element of an ``nn.ModuleList``) that computes in another dtype than the
+            activations around it; ``None`` leaves the output in ``computes``.
+    """
+
+    name: str
+    stored: str
+    computes: str
+    upcast_at_use: tuple[str, ...] = ()
+    output_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInput:
+    """A floating input of the model and the dtype it must have after preparation.
+
+    Attributes:
+        name: The forward argument, e.g. ``"input_features"``, ``"pixel_values"``.
+        module: The module that first takes it (e.g. ``"model.encoder.conv1"``), or ``""``.
+        dtype: The dtype that module computes in.
+        cast: Whether kbitprep casts the input itself (mixed plans); otherwise the caller must.
+    """
+
+    name: str
+    module: str
+    dtype: str
+    cast: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PreparationPlan:
+    """What :func:`kbitprep.prepare` will do (or, for a report, did), decided without changing anything.
+
+    Attributes:
+        backend: Registry name of the strategy used.
+        reason: Why that backend was chosen (the evidence, or ``"backend='x' was passed"``).
+        casts: The parameter casts, in model order.
+        frozen: Base (non-adapter) parameters that end with ``requires_grad=False``.
+        kept_trainable: Names of adapter parameters left trainable.
+        gradient_checkpointing: Whether checkpointing is on after preparation.
+        use_reentrant: The ``use_reentrant`` checkpointing uses; None when it is off.
+        input_grad_hook: Whether the input embeddings' outputs are made to require grad: for
+            reentrant checkpointing (kbitprep adds the hook), or because transformers' own
+            enabling call installs it (kept, never removed).
+        bytes_delta: Change in parameter storage, bytes (a tied parameter counts once).
+        warnings: Findings to read before training.
+        input_grad_modules: Modules whose output is made to require grad.
+        compute_dtype: The model's one compute dtype: the quantized layers' (e.g.
+            ``bnb_4bit_compute_dtype``), else the upcast dtype, else the model's dtype.
+        activation_dtype: The dtype activations flow in between blocks after preparation.
+        precision: Modules that compute in another dtype than they store, or than the
+            activations around them; empty when nothing is mixed (peft's behaviour exactly).
+        model_inputs: Floating model inputs and the dtype they must have.
+        use_cache_off: Whether ``config.use_cache`` is turned off.
+        distributed: The distributed engine (``"fsdp"``, ...), else ``None``.
+        shard_dtype: In the distributed mode, the one dtype of every floating parameter.
+        checkpoint_kwargs: The ``torch.utils.checkpoint`` keyword arguments used.
+        activation_offload: Whether checkpointed activations are kept in host memory.
+        checkpoint_every_n_layers: Every n-th layer is checkpointed.
+        checkpoint_trainable_blocks_only: Only blocks holding trainable parameters are
+            checkpointed (decided at each training forward).
+        checkpointed_blocks: ``(checkpointed, total)`` blocks as the model stands now.
+        storage_bytes: Bytes of quantized storage.
+        float_bytes: Bytes of plain floating base parameters before the casts.
+        freeze_names: Parameters ``prepare`` sets to ``requires_grad=False``.
+    """
+
+    backend: str
+    reason: str
+    casts: tuple[CastItem, ...]
+    frozen: int
+    kept_trainable: tuple[str, ...]
+    gradient_checkpointing: bool
+    use_reentrant: bool | None
+    input_grad_hook: bool
+    bytes_delta: int
+    warnings: tuple[str, ...]
+    input_grad_modules: tuple[str, ...] = ()
+    compute_dtype: str | None = None
+    activation_dtype: str | None = None
+    precision: tuple[ModulePrecision, ...] = ()
+    model_inputs: tuple[ModelInput, ...] = ()
+    use_cache_off: bool = False
+    distributed: str | None = None
+    shard_dtype: str | None = None
+    checkpoint_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    activation_offload: bool = False
+    checkpoint_every_n_layers: int = 1
+    checkpoint_trainable_blocks_only: bool = False
+    checkpointed_blocks: tuple[int, int] | None = None
+    storage_bytes: int = 0
+    float_bytes: int = 0
+    freeze_names: tuple[str, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-serialisable data (dtypes as strings, callables as their repr)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name.startswith("_"):
+                continue
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    def __str__(self) -> str:
+        from kbitprep._render import render_text
+
+        return render_text(self)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (CastItem, ModulePrecision, ModelInput)):
+        return {k: _jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+class UndoLog:
+    """Every mutation ``prepare`` made, in order; ``undo`` reverts them last-first.
+
+    The logs of one model form a stack: undoing a report first undoes every later report on the
+    same model, so reports undone out of order still bring the model back to its state before
+    the report being undone.
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._entries: list[Callable[[], object]] = []
+        self._stack: list[UndoLog] | None = None
+        if model is not None:
+            self._stack = _LOG_STACKS.setdefault(model, [])
+            self._stack.append(self)
+
+    def add(self, fn: Callable[[], object]) -> None:
+        """Record how to revert one change."""
+        self._entries.append(fn)
+
+    def undo(self) -> None:
+        """Revert this log (after every later log on the same model)."""
+        stack = self._stack
+        if stack is not None and self in stack:
+            while stack and stack[-1] is not self:
+                stack.pop()._revert()
+            stack.pop()
+        self._revert()
+
+    def _revert(self) -> None:
+        while self._entries:
+            self._entries.pop()()
+
+
+_LOG_STACKS: weakref.WeakKeyDictionary[nn.Module, list[UndoLog]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparationReport(PreparationPlan):
+    """The plan as applied by :func:`kbitprep.prepare`, plus :meth:`undo`."""
+
+    _log: UndoLog = field(default_factory=UndoLog, repr=False, compare=False)
+
+    @classmethod
+    def from_plan(cls, p: PreparationPlan, log: UndoLog) -> PreparationReport:
+        """The report of ``p`` applied, undone through ``log``."""
+        values = {f.name: getattr(p, f.name) for f in fields(p)}
+        return cls(**values, _log=log)
+
+    def undo(self) -> None:
+        """Revert everything :func:`kbitprep.prepare` changed: dtypes (bit-exact),
+        ``requires_grad``, the hooks and compute-dtype casts it added, checkpointing and
+        ``config.use_cache``, and backend fix-ups. Calling it again does nothing."""
+        self._log.undo()
