@@ -47,6 +47,7 @@ ENTRY_POINT_GROUP = "kbitprep.backends"
 _BUILTINS: dict[str, str] = {
     "aqlm": "kbitprep.backends.aqlm:AqlmBackend",
     "awq": "kbitprep.backends.awq:AwqBackend",
+    "bitnet": "kbitprep.backends.bitnet:BitNetBackend",
     "bitsandbytes": "kbitprep.backends.bitsandbytes:BitsAndBytesBackend",
     "eetq": "kbitprep.backends.eetq:EetqBackend",
     "fp8": "kbitprep.backends.fp8:Fp8Backend",

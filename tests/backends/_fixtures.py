@@ -109,6 +109,43 @@ def quantize_awq(src: str, dst: str) -> str:
     return str(sorted(Path(dst).glob("**/config.json"))[0].parent)
 
 
+# -- BitNet ----------------------------------------------------------------------------------
+
+
+def write_bitnet_checkpoint(dst: str, *, linear_class: str, quantization_mode: str = "offline") -> str:
+    """A pre-quantized BitNet checkpoint of the tiny Llama (bf16): each decoder linear's weight
+    rounded to ternary {-1, 0, 1} after scaling by 1 / mean|w| and packed four values per uint8
+    byte along the output rows (transformers 5.24 ``pack_weights`` layout: shape (out/4, in)),
+    with ``weight_scale`` = 1 / mean|w| (bf16, shape (1,)); float embedding, norms and lm_head.
+    ``quantization_mode="online"`` (quantization-aware training) keeps every weight in bf16."""
+    from safetensors.torch import save_file
+    from transformers.integrations.bitnet import pack_weights
+
+    path = Path(dst)
+    if (path / "config.json").exists():
+        return dst
+    path.mkdir(parents=True, exist_ok=True)
+    base = tiny_llama(torch.bfloat16)
+    tensors = {n: p.contiguous() for n, p in base.state_dict().items()}
+    for name, linear in decoder_linears(base) if quantization_mode == "offline" else ():
+        w = linear.weight.detach().float()
+        scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+        ternary = (w * scale).round().clamp(-1, 1)
+        tensors[f"{name}.weight"] = pack_weights(ternary.clone())
+        tensors[f"{name}.weight_scale"] = scale.reshape(1).to(torch.bfloat16)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = tiny_config().to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {
+        "quant_method": "bitnet",
+        "linear_class": linear_class,
+        "quantization_mode": quantization_mode,
+    }
+    (path / "config.json").write_text(json.dumps(config, default=str))
+    return dst
+
+
 # -- AQLM ------------------------------------------------------------------------------------
 
 
