@@ -54,6 +54,7 @@ _BUILTINS: dict[str, str] = {
     "generic": "kbitprep.backends.generic:GenericBackend",
     "gptq": "kbitprep.backends.gptq:GptqBackend",
     "hqq": "kbitprep.backends.hqq:HqqBackend",
+    "mxfp4": "kbitprep.backends.mxfp4:Mxfp4Backend",
     "none": "kbitprep.backends.none:NoQuantBackend",
     "quanto": "kbitprep.backends.quanto:QuantoBackend",
     "torchao": "kbitprep.backends.torchao:TorchAoBackend",
