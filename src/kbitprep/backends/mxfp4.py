@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends.base import QuantBackend, detect_in_tiers, is_storage_dtype, layer_counter, loaded_module
+from kbitprep.backends.base import (
+    QuantBackend,
+    detect_in_tiers,
+    is_storage_dtype,
+    layer_counter,
+    loaded_module,
+    modules_of_type,
+)
 
 __all__ = ["Mxfp4Backend"]
 
@@ -57,10 +64,7 @@ def _packed_projections(module: nn.Module) -> list[str]:
 
 
 def _packed_experts(model: nn.Module) -> list[str]:
-    classes = _expert_classes()
-    if not classes:
-        return []
-    return [n for n, m in model.named_modules() if isinstance(m, classes) and _packed_projections(m)]
+    return [n for n, m in modules_of_type(model, _expert_classes()) if _packed_projections(m)]
 
 
 class Mxfp4Backend(QuantBackend):
