@@ -47,9 +47,10 @@ class ModulePrecision:
         computes: The dtype it computes in: its floating inputs are cast to it, and parameters
             stored narrower are brought up to it at use (never stored).
         upcast_at_use: Names of its own parameters brought up to ``computes`` at each use.
-        output_to: Dtype its floating outputs are cast to, for a module inside a repeated block
-            (an element of an ``nn.ModuleList``) that computes in another dtype than the
-            activations around it; ``None`` leaves the output in ``computes``.
+        output_to: Dtype its floating outputs are cast to (the activations' dtype), for a
+            module that computes in another dtype and whose output flows on into a repeated
+            block (inside one, or registered before the last one); ``None`` leaves the output in
+            ``computes``: the final norm and ``lm_head`` give the model's outputs their dtype.
     """
 
     name: str

@@ -127,9 +127,8 @@ def _model_compute_dtype(ctx: Context, casts: tuple[CastItem, ...]) -> torch.dty
     declared = ctx.strategy.compute_dtype(ctx.base)
     if declared is not None and declared.is_floating_point and not is_storage_dtype(declared):
         return declared
-    ups = [_dtype(c.to_dtype) for c in casts if _bits(_dtype(c.to_dtype)) > _bits(_dtype(c.from_dtype))]
-    if ups:
-        return ups[0]
+    if casts:  # the dtype the upcast (or the engine's one dtype) produces
+        return _dtype(casts[0].to_dtype)
     by_bytes: Counter[torch.dtype] = Counter()
     for e in ctx.inventory:
         if e.plain_float:
@@ -139,10 +138,15 @@ def _model_compute_dtype(ctx: Context, casts: tuple[CastItem, ...]) -> torch.dty
 
 def _own_plain(ctx: Context) -> dict[int, list[tuple[str, ParamEntry]]]:
     """Module id → its own plain floating parameters (leaf name, entry)."""
+    modules = dict(ctx.model.named_modules(remove_duplicate=False))
     out: dict[int, list[tuple[str, ParamEntry]]] = {}
     for e in ctx.inventory:
-        if e.plain_float:
-            out.setdefault(id(e.module), []).append((e.names[0].rpartition(".")[2], e))
+        if not e.plain_float:
+            continue
+        for name in e.names:  # a tied parameter belongs to every module that holds it
+            owner, _dot, leaf = name.rpartition(".")
+            module = modules.get(owner, ctx.model)
+            out.setdefault(id(module), []).append((leaf, e))
     return out
 
 
@@ -168,10 +172,11 @@ def _module_rows(
 def _activation_dtype(
     rows: list[tuple[str, torch.dtype, torch.dtype, tuple[str, ...]]], compute: torch.dtype
 ) -> torch.dtype:
-    widest = max([_bits(c) for _n, _s, c, _u in rows] + [_bits(compute)])
-    if _bits(compute) == widest:
+    if not rows:
         return compute
-    return next(c for _n, _s, c, _u in rows if _bits(c) == widest)
+    widest = max(_bits(c) for _n, _s, c, _u in rows)
+    candidates = Counter(c for _n, _s, c, _u in rows if _bits(c) == widest)
+    return compute if compute in candidates else candidates.most_common(1)[0][0]
 
 
 def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
@@ -186,9 +191,9 @@ def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
     mixed = any(c != act or u for _n, _s, c, u in rows)
     precision: list[ModulePrecision] = []
     if mixed:
-        in_blocks = _names_in_blocks(ctx.model)
+        feeding = _names_feeding_blocks(ctx.model)
         for name, stored, computes, upcast in rows:
-            out = str(act) if computes != act and name in in_blocks else None
+            out = str(act) if computes != act and name in feeding else None
             precision.append(ModulePrecision(name, str(stored), str(computes), upcast, out))
     step.fields.update(
         compute_dtype=str(compute),
@@ -200,15 +205,22 @@ def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
     return step
 
 
-def _names_in_blocks(model: nn.Module) -> set[str]:
-    """Names of the modules inside a repeated block: below an element of an ``nn.ModuleList``."""
-    names: set[str] = set()
+def _names_feeding_blocks(model: nn.Module) -> set[str]:
+    """Names of the modules whose output flows on into a repeated block (an element of an
+    ``nn.ModuleList``): those inside a block, and those registered before the last block
+    (embeddings, stems, an encoder's final norm feeding the decoder, a vision projector).
+    Their outputs keep the activations' dtype, so the functional code between modules (RoPE's
+    cos/sin, SDPA's q/k/v, residual adds) never sees two dtypes. Modules after the last block
+    (the final norm, ``lm_head``) return the dtype they compute in: the model's outputs."""
+    order = [name for name, _m in model.named_modules()]
+    in_blocks: set[str] = set()
     for lname, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
             for index, block in module.named_children():
                 head = f"{lname}.{index}" if lname else index
-                names.update(f"{head}.{n}" if n else head for n, _m in block.named_modules())
-    return names
+                in_blocks.update(f"{head}.{n}" if n else head for n, _m in block.named_modules())
+    last = max((i for i, name in enumerate(order) if name in in_blocks), default=-1)
+    return in_blocks | set(order[: last + 1])
 
 
 @functools.cache
