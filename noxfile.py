@@ -128,6 +128,14 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def coverage_page(session: nox.Session) -> None:
+    """Regenerate docs/backends/coverage.md from kbitprep._coverage for the pinned transformers."""
+    _install_torch(session)
+    session.install(*PIN, "-e", ".", "transformers==5.24.0")
+    session.run("python", "-m", "kbitprep._coverage", "docs/backends/coverage.md")
+
+
+@nox.session(default=False)
 def docs(session: nox.Session) -> None:
     """Build the documentation site with warnings as errors."""
     _install_torch(session)
