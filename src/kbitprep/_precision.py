@@ -43,7 +43,7 @@ def _bits(dtype: torch.dtype) -> int:
 def _target(ctx: Context, e: ParamEntry) -> torch.dtype | None:
     """The dtype the plan casts ``e`` to, or None (kept patterns already excluded)."""
     p, opts, dist = e.param, ctx.options, ctx.distributed
-    if dist.mode is not None:  # one dtype for the engine; never an upcast
+    if dist.mode is not None and not dist.upcast_kept:  # one dtype for the engine; never an upcast
         wanted = dist.shard_dtype if dist.cast_to_shard_dtype else None
         return wanted if wanted is not None and p.dtype != wanted else None
     name = e.names[0]
@@ -94,7 +94,7 @@ def plan_casts(ctx: Context) -> Step:
 def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[str]:
     opts, strategy = ctx.options, ctx.strategy
     found: list[str] = []
-    if not casts or ctx.distributed.mode is not None:
+    if not casts or (ctx.distributed.mode is not None and not ctx.distributed.upcast_kept):
         return found
     if opts.upcast == "all" and not strategy.unquantized:
         auto = any(strategy.should_upcast(e.names[0], e.param, e.module) for e in ctx.inventory if e.plain_float)

@@ -162,7 +162,7 @@ def _plan_distributed(ctx: Context) -> Step:
     decision, opts = ctx.distributed, ctx.options
     if decision.mode is None:
         return Step()
-    if opts.upcast not in ("auto", "none"):
+    if opts.upcast not in ("auto", "none") and not decision.upcast_kept:
         raise InvalidArgumentError(
             f"upcast={opts.upcast!r} cannot be combined with distributed={opts.distributed!r}: the "
             f"distributed mode keeps every floating parameter in one dtype ({decision.shard_dtype}). "
