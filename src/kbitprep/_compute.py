@@ -198,6 +198,40 @@ def _dtype(text: str) -> torch.dtype:
     return value
 
 
+class _Adopt:
+    """Forward pre-hook on the model: a plain ``nn.Linear`` / ``nn.Embedding`` that appeared
+    after ``prepare`` with a weight stored below the compute dtype (peft builds such modules, e.g.
+    the tied ``lm_head`` copy of ``modules_to_save`` with ``ensure_weight_tying``) gets the same
+    rule as the kept modules: it computes at the compute dtype, its weight brought up at use."""
+
+    _kbitprep_hook = "adopt"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, model: nn.Module, args: Any) -> None:
+        for name, module in model.named_modules():
+            if spec_of(module) is not None or type(module) not in (nn.Linear, nn.Embedding):
+                continue
+            weight = module._parameters.get("weight")
+            if weight is None or type(weight) is not nn.Parameter or not weight.is_floating_point():
+                continue
+            if torch.finfo(weight.dtype).bits < torch.finfo(self.dtype).bits:
+                upcast = tuple(n for n, q in module._parameters.items() if q is not None and q.dtype != self.dtype)
+                module.__dict__[_SPEC] = ComputeSpec(name, self.dtype, upcast, None)
+                module.__class__ = _subclass(type(module))
+
+
+def _install_adopt(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _Adopt):
+            del model._forward_pre_hooks[key]
+            log.add(functools.partial(model._forward_pre_hooks.__setitem__, key, hook))
+    if p.precision and p.compute_dtype is not None:
+        handle = model.register_forward_pre_hook(_Adopt(_dtype(p.compute_dtype)))
+        log.add(handle.remove)
+
+
 def apply_precision(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
     """Give every module in ``p.precision`` its compute-dtype rule, and take it from any module
     an earlier ``prepare`` gave one that this plan does not list (so repeated prepares with
@@ -217,3 +251,4 @@ def apply_precision(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
         )
         if spec_of(module) != spec:
             _install(module, spec, log)
+    _install_adopt(model, p, log)

@@ -156,12 +156,14 @@ def _module_rows(
     """(module name, stored, computes, upcast-at-use) for each module with its own plain floats,
     and (name, kernel dtype, kernel dtype, ()) for each quantized layer with an input dtype."""
     own = _own_plain(ctx)
+    holds_storage = {id(e.module) for e in ctx.inventory if e.storage}
     for name, module in ctx.model.named_modules():
         params = own.get(id(module))
         kernel = ctx.strategy.input_dtype(module)
         if kernel is not None and kernel.is_floating_point and not is_storage_dtype(kernel):
             yield name, kernel, kernel, ()
-        elif params:
+        elif params and id(module) not in holds_storage:  # a quantized layer without an input
+            # dtype converts its inputs and its own bias itself (bitsandbytes)
             dtypes = {leaf: final[id(e.param)] for leaf, e in params}
             stored = dtypes.get("weight", next(iter(dtypes.values())))
             computes = compute if _bits(stored) < _bits(compute) else stored

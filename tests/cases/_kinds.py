@@ -223,7 +223,7 @@ def plan_dtype(p: Any, model: Any, name: str) -> torch.dtype:
     for c in p.casts:
         if c.name == name or name in c.tied:
             return getattr(torch, c.to_dtype.removeprefix("torch."))  # type: ignore[no-any-return]
-    return dict(model.named_parameters())[name].dtype  # type: ignore[no-any-return]
+    return dict(model.named_parameters(remove_duplicate=False))[name].dtype  # type: ignore[no-any-return]
 
 
 def plan_compute_dtype(p: Any, model: Any, module: str) -> torch.dtype:

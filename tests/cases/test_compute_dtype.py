@@ -1,0 +1,349 @@
+"""One compute dtype per model (issue 11; C20, C21, C22 and C03/C04's kind across architectures).
+
+Every architecture family the tests build (decoder-only Llama, encoder-decoder T5, the Llava VLM,
+Whisper's audio encoder), each loaded 4-bit by bitsandbytes, under every policy (auto, a keep
+pattern, ``upcast="none"``, a partial callable): the LoRA step runs with no dtype mismatch
+anywhere (sub-model boundaries and floating model inputs included), every LoRA tensor gets a
+gradient, and the output dtype is the one the plan says the output module computes in.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kbitprep
+from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from cases._kinds import plan_compute_dtype
+from kbitprep._compute import spec_of
+
+pytest.importorskip("bitsandbytes")
+
+T5 = dict(
+    vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+    decoder_start_token_id=0, pad_token_id=0,
+)  # fmt: skip
+WHISPER = dict(
+    vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+    max_source_positions=64, max_target_positions=64, decoder_start_token_id=0, pad_token_id=0,
+)  # fmt: skip
+
+
+def _saved(root: str, name: str, build: Callable[[], nn.Module]) -> str:
+    path = Path(root) / name
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        build().to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+def _load(path: str, cls: Any, compute: torch.dtype) -> nn.Module:
+    model: nn.Module = cls.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=bnb4_config(bnb_4bit_compute_dtype=compute)
+    )
+    return model
+
+
+def t5(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    path = _saved(root, "t5", lambda: T5ForConditionalGeneration(T5Config(**T5)))  # type: ignore[arg-type]
+    return _load(path, T5ForConditionalGeneration, compute)
+
+
+def whisper(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    path = _saved(root, "whisper", lambda: WhisperForConditionalGeneration(WhisperConfig(**WHISPER)))  # type: ignore[arg-type]
+    return _load(path, WhisperForConditionalGeneration, compute)
+
+
+def llava(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from _models import TINY
+
+    def build() -> nn.Module:
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+        cfg = LlavaConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(**TINY),  # type: ignore[arg-type]
+            image_token_index=999,
+            image_seq_length=16,
+            vision_feature_layer=-1,
+        )
+        return LlavaForConditionalGeneration(cfg)
+
+    return _load(_saved(root, "llava", build), LlavaForConditionalGeneration, compute)
+
+
+def llama(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
+    return load(saved_tiny(root), quantization_config=bnb4_config(bnb_4bit_compute_dtype=compute))
+
+
+# family -> (builder, LoRA targets, keep pattern, output module, batch builder)
+def _ids(n: int, seq: int) -> torch.Tensor:
+    return torch.randint(1, 999, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _batch_lm(features: torch.dtype) -> dict[str, torch.Tensor]:
+    ids = _ids(2, 12)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _batch_t5(features: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"input_ids": _ids(2, 12), "labels": _ids(2, 8)}
+
+
+def _batch_whisper(features: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_features": torch.randn(2, 80, 128, generator=g).to(features), "labels": _ids(2, 8)}
+
+
+def _batch_llava(features: torch.dtype) -> dict[str, torch.Tensor]:
+    ids = _ids(2, 20)
+    ids[:, 2:18] = 999  # 16 image tokens, as image_seq_length
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=g).to(features), "labels": ids}
+
+
+FAMILIES: dict[str, tuple[Callable[..., nn.Module], list[str], tuple[str, ...], str, Callable[..., Any]]] = {
+    "decoder-only": (llama, ["q_proj", "v_proj"], ("lm_head", "embed_tokens"), "lm_head", _batch_lm),
+    "encoder-decoder": (t5, ["q", "v"], ("lm_head", "shared"), "lm_head", _batch_t5),
+    "vlm": (llava, ["q_proj", "v_proj"], ("lm_head", "embed_tokens"), "lm_head", _batch_llava),
+    "audio": (whisper, ["q_proj", "v_proj"], ("proj_out", "embed_tokens"), "proj_out", _batch_whisper),
+}
+
+
+def norm_only(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    return "norm" in name
+
+
+def _policy(name: str, keep: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "auto": {},
+        "keep": {"keep_in_low_precision": keep},
+        "none": {"upcast": "none"},
+        "partial": {"upcast": norm_only},
+    }[name]
+
+
+def _prepare(model: nn.Module, **options: Any) -> kbitprep.PreparationReport:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kbitprep.KbitPrepWarning)
+        return kbitprep.prepare(model, **options)
+
+
+def _lora(model: nn.Module, targets: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+
+
+def _input_dtype(report: kbitprep.PreparationReport, name: str) -> torch.dtype:
+    """bf16 features (what a bf16 feature extractor yields) when kbitprep casts them; else the
+    dtype the plan names for them."""
+    for item in report.model_inputs:
+        if item.name == name and not item.cast:
+            return getattr(torch, item.dtype.removeprefix("torch."))  # type: ignore[no-any-return]
+    return torch.bfloat16
+
+
+@pytest.mark.parametrize("policy", ["auto", "keep", "none", "partial"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_and_policy_trains_with_the_planned_output_dtype(
+    family: str, policy: str, model_root: str
+) -> None:
+    build, targets, keep, head, batch = FAMILIES[family]
+    model = build(model_root)
+    report = _prepare(model, **_policy(policy, keep))
+    expected = plan_compute_dtype(report, model, head)
+    features = _input_dtype(report, "input_features" if family == "audio" else "pixel_values")
+    peft_model = _lora(model, targets)
+    peft_model.train()
+    out = peft_model(**batch(features))
+    assert out.logits.dtype == expected
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_t5_keep_low_crosses_the_encoder_decoder_boundary(model_root: str) -> None:
+    """C20: T5 4-bit (compute bf16), keep lm_head and shared: the step runs, all 24 LoRA tensors
+    get gradients, and the logits are bf16 as the plan predicts for lm_head."""
+    model = t5(model_root)
+    report = _prepare(model, keep_in_low_precision=("lm_head", "shared"))
+    assert plan_compute_dtype(report, model, "lm_head") == torch.bfloat16
+    assert report.compute_dtype == "torch.bfloat16" and report.activation_dtype == "torch.float32"
+    peft_model = _lora(model, ["q", "v"])
+    peft_model.train()
+    out = peft_model(**_batch_t5(torch.bfloat16))
+    out.loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert len(grads) == 24 and all(g is not None for g in grads)
+    assert out.logits.dtype == torch.bfloat16
+
+
+def test_whisper_default_plan_names_the_entry_module_and_dtype(model_root: str) -> None:
+    """C21 with peft's policy: nothing is added, and the plan names input_features, the module
+    that takes it (model.encoder.conv1, now fp32) and a warning; fp32 features train 24/24."""
+    model = whisper(model_root)
+    p = kbitprep.plan(model)
+    entry = {i.name: i for i in p.model_inputs}["input_features"]
+    assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", "torch.float32", False)
+    assert any("'input_features' must now be torch.float32" in w and "model.encoder.conv1" in w for w in p.warnings)
+    assert p.precision == ()
+    _prepare(model)
+    peft_model = _lora(model, ["q_proj", "v_proj"])
+    peft_model.train()
+    out = peft_model(**_batch_whisper(torch.float32))
+    out.loss.backward()
+    assert sum(1 for n, q in peft_model.named_parameters() if "lora_" in n and q.grad is not None) == 24
+
+
+def test_whisper_bf16_features_are_cast_under_a_keep_policy(model_root: str) -> None:
+    """C21 under a keep pattern: the plan casts model inputs itself, and bf16 features train."""
+    model = whisper(model_root)
+    report = _prepare(model, keep_in_low_precision=("proj_out", "embed_tokens"))
+    assert {i.name: i.cast for i in report.model_inputs}["input_features"] is True
+    peft_model = _lora(model, ["q_proj", "v_proj"])
+    peft_model.train()
+    out = peft_model(**_batch_whisper(torch.bfloat16))
+    out.loss.backward()
+    assert sum(1 for n, q in peft_model.named_parameters() if "lora_" in n and q.grad is not None) == 24
+
+
+# -- C22's kind: kept-low modules compute at the compute dtype -----------------------------------
+
+
+def _peft_loss(model: nn.Module) -> float:
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model)
+    torch.manual_seed(0)
+    loss, _grads = standard_step(add_lora(model))
+    return loss
+
+
+def _kept_loss(model: nn.Module, **options: Any) -> tuple[float, kbitprep.PreparationReport]:
+    report = _prepare(model, **options)
+    torch.manual_seed(0)
+    loss, grads = standard_step(add_lora(model))
+    assert grad_counts(grads) == (8, 8, 4)
+    return loss, report
+
+
+def test_kept_low_modules_compute_in_fp32_and_match_peft_exactly(model_root: str) -> None:
+    """C22 on the tiny Llama with fp32 compute: keeping lm_head and embed_tokens bf16 gives
+    peft's step-1 loss to the last bit (bf16 -> fp32 is exact), with 128,000 + 128,000 bytes
+    of upcast saved (two 1000 x 64 tensors, 2 bytes each instead of 4)."""
+    peft = _peft_loss(llama(model_root, torch.float32))
+    loss, report = _kept_loss(llama(model_root, torch.float32), keep_in_low_precision=("lm_head", "embed_tokens"))
+    assert loss == peft
+    assert report.compute_dtype == "torch.float32"
+    rows = {r.name: r for r in report.precision}
+    for name in ("model.embed_tokens", "lm_head"):
+        assert (rows[name].stored, rows[name].computes, rows[name].upcast_at_use) == (
+            "torch.bfloat16",
+            "torch.float32",
+            ("weight",),
+        )
+    assert report.bytes_delta == 640  # only the five 64-element norms, bf16 -> fp32
+    none_loss, none_report = _kept_loss(llama(model_root, torch.float32), upcast="none")
+    assert none_report.bytes_delta == 0 and none_loss == peft
+
+
+def test_defaults_add_no_compute_rule(model_root: str) -> None:
+    """With no keep pattern or partial policy, nothing is added: exactly peft."""
+    model = llama(model_root)
+    report = _prepare(model)
+    assert report.precision == ()
+    assert not any(spec_of(m) is not None for m in model.modules())
+
+
+# -- the rule survives what users do after prepare ------------------------------------------------
+
+
+def _kept(root: str) -> tuple[nn.Module, kbitprep.PreparationReport]:
+    model = llama(root, torch.float32)
+    return model, _prepare(model, keep_in_low_precision=("lm_head", "embed_tokens"))
+
+
+def test_deepcopy_and_state_dict_keep_the_rule_and_the_keys(model_root: str) -> None:
+    model = llama(model_root, torch.float32)
+    keys = list(model.state_dict())
+    _prepare(model, keep_in_low_precision=("lm_head", "embed_tokens"))
+    assert list(model.state_dict()) == keys
+    clone = copy.deepcopy(model)
+    assert spec_of(clone.lm_head) is not None and spec_of(clone.lm_head).dtype == torch.float32  # type: ignore[union-attr]
+    ids = _ids(2, 8)
+    assert clone(ids).logits.dtype == torch.float32
+    assert torch.equal(clone(ids).logits, model(ids).logits)
+
+
+def test_undo_is_bit_exact_and_removes_the_rule(model_root: str) -> None:
+    model = llama(model_root, torch.float32)
+    before = {n: (p.dtype, p.detach().clone()) for n, p in model.named_parameters()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    report = _prepare(model, keep_in_low_precision=("lm_head",), upcast="none")
+    assert type(model.lm_head) is not classes["lm_head"]
+    report.undo()
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert not any(spec_of(m) is not None for m in model.modules())
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n][0] and torch.equal(p.detach(), before[n][1]), n
+
+
+def test_modules_to_save_copy_keeps_the_rule_and_warns_it_trains_low(model_root: str) -> None:
+    """peft's modules_to_save deep-copies lm_head after prepare: the copy keeps computing in
+    fp32, and training it (stored bf16) is named in a KbitPrepWarning."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _report = _kept(model_root)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    copies = [m for n, m in peft_model.named_modules() if n.endswith("modules_to_save.default")]
+    assert copies and spec_of(copies[0]) is not None
+    with pytest.warns(kbitprep.KbitPrepWarning, match="lm_head is stored in torch.bfloat16"):
+        loss, grads = standard_step(peft_model)
+    assert grad_counts(grads)[:2] == (8, 8)
+    trained = dict(peft_model.named_parameters())
+    head = [p for n, p in trained.items() if "modules_to_save" in n]
+    assert head and all(p.grad is not None for p in head)
+
+
+def test_weight_tying_with_modules_to_save_keeps_one_compute_dtype(model_root: str) -> None:
+    """A tied embedding and lm_head kept low, with peft's ensure_weight_tying: the step runs and
+    the logits are fp32 (the compute dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load(
+        saved_tiny(model_root, tie=True), quantization_config=bnb4_config(bnb_4bit_compute_dtype=torch.float32)
+    )
+    _prepare(model, keep_in_low_precision=("embed_tokens",))
+    cfg = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=True
+    )
+    peft_model = get_peft_model(model, cfg)
+    peft_model.train()
+    ids = _ids(2, 8)
+    with pytest.warns(kbitprep.KbitPrepWarning, match="stored in torch.bfloat16"):
+        out = peft_model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32
+    out.loss.backward()
