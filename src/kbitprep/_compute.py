@@ -117,11 +117,12 @@ class _ComputeAt(nn.Module):
         return out if spec.output is None else _cast(out, spec.output)
 
     def _linear_at(self, spec: ComputeSpec, x: torch.Tensor) -> torch.Tensor:
-        weight: torch.Tensor = self.weight
-        bias: torch.Tensor | None = self.bias
+        linear: Any = self
+        weight: torch.Tensor = linear.weight
+        bias: torch.Tensor | None = linear.bias
         if weight.dtype == spec.dtype:
             return F.linear(x, weight, None if bias is None else bias.to(spec.dtype))
-        out: torch.Tensor = _UpcastLinear.apply(x, weight, bias, spec.dtype)
+        out: torch.Tensor = _UpcastLinear.apply(x, weight, bias, spec.dtype)  # type: ignore[no-untyped-call]
         return out
 
     def _embedding_at(self, spec: ComputeSpec, ids: torch.Tensor) -> torch.Tensor:
@@ -166,9 +167,16 @@ def _warn_if_trainable_low(module: nn.Module, spec: ComputeSpec) -> None:
     )
 
 
-@functools.cache
-def _subclass(cls: type[nn.Module]) -> type[nn.Module]:
-    return type(cls.__name__, (_ComputeAt, cls), {_ORIGINAL: cls, "__module__": cls.__module__, "__doc__": cls.__doc__})
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _subclass(cls: type) -> type:
+    """``cls`` with :class:`_ComputeAt` first in its MRO (one per class, same name)."""
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        attrs = {_ORIGINAL: cls, "__module__": cls.__module__, "__doc__": cls.__doc__}
+        sub = _SUBCLASSES[cls] = type(cls.__name__, (_ComputeAt, cls), attrs)
+    return sub
 
 
 def _install(module: nn.Module, spec: ComputeSpec | None, log: UndoLog) -> None:

@@ -372,13 +372,15 @@ def install_selective(base: nn.Module, log_add: Callable[[Callable[[], None]], N
         if not module.training:
             return
         for block in blocks:
-            block.gradient_checkpointing = flags.get(id(block), False) and _has_trainable(block)
+            layer: Any = block
+            layer.gradient_checkpointing = flags.get(id(block), False) and _has_trainable(block)
 
     handle = base.register_forward_pre_hook(choose)
 
     def remove() -> None:
         handle.remove()
         for block in blocks:
-            block.gradient_checkpointing = flags.get(id(block), False)
+            layer: Any = block
+            layer.gradient_checkpointing = flags.get(id(block), False)
 
     log_add(remove)

@@ -90,7 +90,7 @@ def _check_keep(keep_in_low_precision: object) -> tuple[str, ...]:
     if isinstance(keep_in_low_precision, str):
         return (keep_in_low_precision,)
     try:
-        keep = tuple(keep_in_low_precision)  # type: ignore[call-overload]
+        keep: tuple[Any, ...] = tuple(keep_in_low_precision)  # type: ignore[call-overload,arg-type]
     except TypeError:
         raise InvalidArgumentError(
             f"keep_in_low_precision must be a sequence of name patterns such as ('lm_head',); "

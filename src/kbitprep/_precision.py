@@ -225,12 +225,18 @@ def _names_feeding_blocks(model: nn.Module) -> set[str]:
     return in_blocks | set(order[: last + 1])
 
 
-@functools.cache
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
 def _forward_params(cls: type) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
+    found = _FORWARD_PARAMS.get(cls)
+    if found is None:
+        try:
+            found = frozenset(inspect.signature(getattr(cls, "forward")).parameters)  # noqa: B009
+        except (TypeError, ValueError, AttributeError):
+            found = frozenset()
+        _FORWARD_PARAMS[cls] = found
+    return found
 
 
 def _model_inputs(ctx: Context, computes: dict[str, torch.dtype], mixed: bool) -> list[ModelInput]:

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from kbitprep._demo import DemoResult
+    from rich.table import Table as RichTable
+
     from kbitprep._prepare import PreparationPlan
+    from kbitprep._render import Table as RenderTable
     from kbitprep._registry import Detection
 
 __all__ = ["build_parser", "main"]
@@ -254,41 +257,40 @@ def _print_detection(console: Console, detection: Detection) -> None:
         console.print(f"  also claimed by {_escape(name)}: {_escape(reason)}")
 
 
-def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None:
+def _rich_table(t: RenderTable) -> RichTable:
     from rich.markup import escape
     from rich.table import Table
 
-    from kbitprep._demo import group_casts
+    table = Table(title=t.title, title_justify="left")
+    for column, numeric in zip(t.columns, t.numeric, strict=True):
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for row in t.rows:
+        table.add_row(*(escape(c.removeprefix("torch.")) for c in row))
+    if not t.rows:
+        table.add_row("(none)", *("" for _ in t.columns[1:]))
+    return table
 
-    casts = Table(title=f"Plan: {len(p.casts)} parameter casts", title_justify="left")
-    for column in ("parameters", "count", "from", "to", "bytes before", "bytes after"):
-        casts.add_column(column, justify="right" if column.startswith(("count", "bytes")) else "left", overflow="fold")
-    for pattern, count, src, dst, before, after in group_casts(p):
-        casts.add_row(
-            escape(pattern),
-            str(count),
-            src.removeprefix("torch."),
-            dst.removeprefix("torch."),
-            f"{before:,}",
-            f"{after:,}",
-        )
-    if not p.casts:
-        casts.add_row("(none)", "0", "", "", "0", "0")
-    console.print(casts)
 
+def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None:
+    """The plan through the one renderer (``kbitprep._render.plan_view``), drawn with rich."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kbitprep._render import plan_view
+
+    view = plan_view(p, group_casts=True)
+    console.print(_rich_table(view.casts))
+    if view.precision is not None:
+        console.print(_rich_table(view.precision))
     summary = Table(show_header=False, title="Preparation", title_justify="left")
     summary.add_column("what")
     summary.add_column("value", overflow="fold")
     summary.add_row(
         "parameter bytes before / after", f"{bytes_before:,} / {bytes_before + p.bytes_delta:,} ({p.bytes_delta:+,})"
     )
-    summary.add_row("base parameters frozen", str(p.frozen))
-    summary.add_row("gradient checkpointing", "on" if p.gradient_checkpointing else "off")
-    summary.add_row("use_reentrant", "-" if p.use_reentrant is None else str(p.use_reentrant))
-    summary.add_row("input-grad hook", "yes" if p.input_grad_hook else "no")
-    if p.input_casts:
-        summary.add_row("input casts", f"{len(p.input_casts)} module(s) kept in another dtype")
-    for w in p.warnings:
+    for label, value in view.summary:
+        summary.add_row(escape(label), escape(value))
+    for w in view.warnings:
         summary.add_row("[yellow]warning[/]", escape(w))
     console.print(summary)
 
