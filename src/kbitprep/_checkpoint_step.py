@@ -83,6 +83,22 @@ def _check_layout(ctx: Context, gc: bool) -> None:
         )
 
 
+def _offload(ctx: Context, gc: bool, step: Step) -> bool:
+    """Offload only where there is device memory to free: transformers 5.24 wraps each
+    checkpoint in ``save_on_cpu(pin_memory=True)``, which raises on a machine without an
+    accelerator, and on the CPU the activations already live in host memory."""
+    if not (gc and ctx.options.activation_offload):
+        return False
+    if all(e.param.device.type == "cpu" for e in ctx.inventory):
+        step.warnings.append(
+            "activation_offload=True is not applied: every parameter is on the CPU, so the activations "
+            "already live in host memory, and transformers' offload pins host memory, which needs an "
+            "accelerator. Move the model to the accelerator before prepare to offload."
+        )
+        return False
+    return True
+
+
 def _blocks(ctx: Context, gc: bool) -> tuple[int, int] | None:
     blocks = _hf.checkpoint_blocks(ctx.base)
     if not gc or not blocks:
@@ -124,7 +140,7 @@ def plan_checkpointing(ctx: Context) -> Step:
         input_grad_modules=tuple(ctx.prefix + n for n, _m in entries) if (installs or hooked) else (),
         use_cache_off=((gc and not kept_on) or ctx.distributed.mode is not None) and use_cache is True,
         checkpoint_kwargs=kwargs,
-        activation_offload=gc and ctx.options.activation_offload,
+        activation_offload=_offload(ctx, gc, step),
         checkpoint_every_n_layers=ctx.options.checkpoint_every_n_layers if gc else 1,
         checkpoint_trainable_blocks_only=gc and ctx.options.checkpoint_trainable_blocks_only,
         checkpointed_blocks=_blocks(ctx, gc),
