@@ -191,17 +191,24 @@ def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
     rows = list(_module_rows(ctx, _final_dtypes(ctx, casts), compute))
     act = _activation_dtype(rows, compute)
     mixed = any(c != act or u for _n, _s, c, u in rows)
+    inputs = _model_inputs(ctx, {n: c for n, _s, c, _u in rows}, mixed)
+    # a module computing in the activations' dtype up to the last block only ever receives
+    # them (every module feeding blocks returns them), except where a model input enters;
+    # after the last block (final norm, lm_head) modules may pass on their own dtype
+    entries = {i.module for i in inputs}
     precision: list[ModulePrecision] = []
     if mixed:
         feeding = _names_feeding_blocks(ctx.model)
         for name, stored, computes, upcast in rows:
+            if computes == act and not upcast and name in feeding and name not in entries:
+                continue
             out = str(act) if computes != act and name in feeding else None
             precision.append(ModulePrecision(name, str(stored), str(computes), upcast, out))
     step.fields.update(
         compute_dtype=str(compute),
         activation_dtype=str(act),
         precision=tuple(precision),
-        model_inputs=tuple(_model_inputs(ctx, {n: c for n, _s, c, _u in rows}, mixed)),
+        model_inputs=tuple(inputs),
     )
     step.warnings.extend(_input_warnings(ctx, step.fields["model_inputs"]))
     return step
