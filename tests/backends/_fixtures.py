@@ -6,8 +6,10 @@ Every builder starts from the tiny Llama of ../shared/cases/README.md (hidden 64
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,38 @@ def storage_by_base_name(model: nn.Module, backend: Any) -> dict[str, str]:
     for name, digest in storage_digest(model, backend).items():
         out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = digest
     return out
+
+
+@contextlib.contextmanager
+def kernel_inputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.dtype]]:
+    """Record the dtype of the first argument each layer's own ``forward`` receives.
+
+    The layer class's ``forward`` is wrapped, not a forward pre-hook registered: a module
+    ``prepare`` gave a compute-dtype rule casts its inputs inside its (sub)class's forward, after
+    the pre-hooks run, so only the class's own forward sees what the kernel computes with.
+    """
+    seen: list[torch.dtype] = []
+    classes = {getattr(type(m), "_kbitprep_original_class", type(m)) for m in layers}
+    saved = {cls: cls.__dict__.get("forward") for cls in classes}
+
+    def wrap(forward: Any) -> Any:
+        def recorded(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if any(self is m for m in layers):
+                seen.append(x.dtype)
+            return forward(self, x, *args, **kwargs)
+
+        return recorded
+
+    for cls in classes:
+        cls.forward = wrap(cls.forward)  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        for cls, forward in saved.items():
+            if forward is None:
+                del cls.forward
+            else:
+                cls.forward = forward  # type: ignore[method-assign]
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

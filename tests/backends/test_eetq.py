@@ -23,6 +23,7 @@ from _fixtures import (
     UPCASTS,
     FakeEetqKernels,
     eetq_tiny,
+    kernel_inputs,
     prepare_quietly,
     storage_state,
 )
@@ -142,11 +143,9 @@ def test_eetq_layers_get_fp16_inputs_under_upcast_all(fake_kernel: None, eetq_st
     model = eetq_tiny()
     report = prepare_quietly(model, "all")
     assert len(report.casts) == N_PLAIN
-    seen: list[torch.dtype] = []
-    for layer in _layers(model):
-        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
     peft_model = add_lora(model)
-    _loss, grads = standard_step(peft_model)
+    with kernel_inputs(_layers(model)) as seen:
+        _loss, grads = standard_step(peft_model)
     assert grad_counts(grads) == (8, 8, 4)
     assert len(seen) >= N_LINEARS and set(seen) == {torch.float16}
 

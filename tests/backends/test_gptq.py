@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _fixtures import N_LINEARS, N_PLAIN, from_pretrained, storage_by_base_name
+from _fixtures import N_LINEARS, N_PLAIN, from_pretrained, kernel_inputs, storage_by_base_name
 from torch import nn
 
 from _models import add_lora, checkpointing_on, grad_counts, hook_count, standard_batch, standard_step, tiny_llama
@@ -141,26 +141,22 @@ def test_gptq_layers_latched_by_an_eval_forward_raise_before_anything_changes(gp
         plan(model)
 
 
-def test_gptq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(
-    gptq_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gptq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(gptq_dir: str) -> None:
     """C14 whole kind: loaded with backend="gptq_torch" (TorchLinear, no linear_mode), an eval
     no-grad forward before prepare is harmless: prepare succeeds and the step gives 8/8, 4 non-zero."""
-    import torch._dynamo
     from transformers import GPTQConfig
 
     # TorchLinear wraps its dequantize in torch.compile (inductor): over a minute on 2 CPU cores
-    # for nothing this test checks; run it eagerly
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-
-    model = from_pretrained(gptq_dir, torch.float16, quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
-    layers = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
-    assert len(layers) == N_LINEARS and not any(hasattr(m, "linear_mode") for m in layers)
-    with torch.no_grad():
-        model(input_ids=standard_batch(1, 8))
-    report = prepare(model)
-    assert report.backend == "gptq" and report.casts == ()
-    _loss, grads = standard_step(add_lora(model))
+    # for nothing this test checks; run it eagerly (torch 2.13 has no torch._dynamo.config.disable)
+    with torch.compiler.set_stance("force_eager"):
+        model = from_pretrained(gptq_dir, torch.float16, quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
+        layers = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
+        assert len(layers) == N_LINEARS and not any(hasattr(m, "linear_mode") for m in layers)
+        with torch.no_grad():
+            model(input_ids=standard_batch(1, 8))
+        report = prepare(model)
+        assert report.backend == "gptq" and report.casts == ()
+        _loss, grads = standard_step(add_lora(model))
     assert grad_counts(grads) == (8, 8, 4)
 
 
@@ -177,11 +173,9 @@ def test_gptq_upcast_all_casts_only_the_plain_parameters_and_feeds_kernels_fp16(
     with pytest.warns(KbitPrepWarning, match="upcast='all' on a gptq model"):
         prepare(model, upcast="all")
     assert storage_by_base_name(model, backend) == before
-    seen: list[torch.dtype] = []
-    for layer in _aten_layers(model):
-        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
     peft_model = add_lora(model)
-    _loss, grads = standard_step(peft_model)
+    with kernel_inputs(_aten_layers(model)) as seen:
+        _loss, grads = standard_step(peft_model)
     assert grad_counts(grads) == (8, 8, 4)
     assert len(seen) >= N_LINEARS and set(seen) == {torch.float16}  # checkpointing reruns forwards
 

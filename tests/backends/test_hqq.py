@@ -17,6 +17,7 @@ from _fixtures import (  # noqa: E402
     UPCASTS,
     decoder_linears,
     hqq_tiny,
+    kernel_inputs,
     prepare_quietly,
     storage_state,
 )
@@ -37,12 +38,8 @@ W_Q_SHAPES = {
 }
 
 
-def _record_hqq_inputs(model: nn.Module) -> list[torch.dtype]:
-    seen: list[torch.dtype] = []
-    for module in model.modules():
-        if isinstance(module, HQQLinear):
-            module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
-    return seen
+def _hqq_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, HQQLinear)]
 
 
 class LowRankAdapter(nn.Module):
@@ -135,8 +132,8 @@ def test_hqq_peft_lora_trains_and_every_layer_gets_its_compute_dtype(capsys: pyt
     assert len(plain) == N_PLAIN and set(plain.values()) == {torch.bfloat16}
     peft_model = add_lora(model)
     assert sum(type(m).__name__ == "HqqLoraLinear" for m in peft_model.modules()) == 4
-    seen = _record_hqq_inputs(peft_model)
-    loss, grads = standard_step(peft_model)
+    with kernel_inputs(_hqq_layers(peft_model)) as seen:
+        loss, grads = standard_step(peft_model)
     assert torch.isfinite(torch.tensor(loss))
     assert grad_counts(grads) == (8, 8, 4)
     assert len(seen) >= N_LINEARS and set(seen) == {torch.bfloat16}
@@ -151,8 +148,8 @@ def test_hqq_upcast_all_still_trains_with_bf16_inputs_to_every_layer() -> None:
     report = prepare_quietly(model, "all")
     assert len(report.casts) == N_PLAIN
     peft_model = add_lora(model)
-    seen = _record_hqq_inputs(peft_model)
-    loss, grads = standard_step(peft_model)
+    with kernel_inputs(_hqq_layers(peft_model)) as seen:
+        loss, grads = standard_step(peft_model)
     assert torch.isfinite(torch.tensor(loss))
     assert grad_counts(grads) == (8, 8, 4)
     assert len(seen) >= N_LINEARS and set(seen) == {torch.bfloat16}
@@ -211,12 +208,12 @@ def test_hqq_layers_in_another_compute_dtype_are_reported_and_still_run() -> Non
     assert "torch.bfloat16" in p.warnings[0] and "14 with torch.float32" in p.warnings[0]
     with pytest.warns(KbitPrepWarning, match="compute in another dtype"):
         prepare(model)
-    seen = _record_hqq_inputs(model)
     model.train()
     model.model.embed_tokens.weight.requires_grad_(True)
     ids = standard_batch()
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    with kernel_inputs(_hqq_layers(model)) as seen:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
     assert torch.isfinite(out.loss)
     assert set(seen) == {torch.float32}
 
