@@ -262,7 +262,8 @@ class _Quantizer:
 def test_mark_trainable_refuses_when_the_strategy_does() -> None:
     model = tiny_llama()
     model.is_quantized = True
-    model.quantization_method = "quanto"  # generic backend: defers to transformers' flag
+    model.quantization_method = "vptq"  # generic backend (no vptq strategy): defers to transformers' flag
+    model.model.layers[0].mlp.register_buffer("codes", torch.zeros(64, 8, dtype=torch.int8))  # its storage
     model.hf_quantizer = quantizer = _Quantizer(False)
     with pytest.raises(NotTrainableError):
         kbitprep.mark_trainable(model)

@@ -150,7 +150,9 @@ def write_bitnet_checkpoint(dst: str, *, linear_class: str, quantization_mode: s
     """A pre-quantized BitNet checkpoint of the tiny Llama (bf16): each decoder linear's weight
     rounded to ternary {-1, 0, 1} after scaling by 1 / mean|w| and packed four values per uint8
     byte along the output rows (transformers 5.24 ``pack_weights`` layout: shape (out/4, in)),
-    with ``weight_scale`` = 1 / mean|w| (bf16, shape (1,)); float embedding, norms and lm_head.
+    with ``weight_scale`` (bf16, shape (1,)) in the convention each layer class reads it in
+    (transformers 5.24): ``BitLinear`` divides its output by it (1 / mean|w|), ``AutoBitLinear``
+    multiplies by it (mean|w|), so both give y ~ x·w; float embedding, norms and lm_head.
     ``quantization_mode="online"`` (quantization-aware training) keeps every weight in bf16."""
     from safetensors.torch import save_file
     from transformers.integrations.bitnet import pack_weights
@@ -166,7 +168,8 @@ def write_bitnet_checkpoint(dst: str, *, linear_class: str, quantization_mode: s
         scale = 1.0 / w.abs().mean().clamp(min=1e-5)
         ternary = (w * scale).round().clamp(-1, 1)
         tensors[f"{name}.weight"] = pack_weights(ternary.clone())
-        tensors[f"{name}.weight_scale"] = scale.reshape(1).to(torch.bfloat16)
+        stored = scale if linear_class == "bitlinear" else 1.0 / scale
+        tensors[f"{name}.weight_scale"] = stored.reshape(1).to(torch.bfloat16)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = tiny_config().to_dict()
     config["architectures"] = ["LlamaForCausalLM"]

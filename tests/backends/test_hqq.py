@@ -185,16 +185,17 @@ def test_hand_written_adapters_on_hqq_get_gradients_in_both_checkpointing_modes(
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("W_q"))
 
 
-def test_model_flagged_hqq_without_hqq_layers_is_reported() -> None:
+def test_model_flagged_hqq_without_hqq_layers_is_prepared_as_unquantized() -> None:
     """C15 whole kind (1): quantization_method says hqq but the linears are plain nn.Linear (a
-    transformers 4.57 HQQ checkpoint loaded by 5.24): plan.warnings says so, prepare warns."""
+    transformers 4.57 HQQ checkpoint loaded by 5.24). The label has no storage behind it, so the
+    verdict is "none" (issue 12: storage decides), the reason names 'hqq' and says the weights are
+    dequantized, and the plan is peft's for an unquantized bf16 model: all 21 parameters to fp32."""
     model = tiny_llama(torch.bfloat16)
     model.quantization_method = "hqq"
     p = plan(model)
-    assert p.backend == "hqq" and p.casts == ()
-    assert len(p.warnings) == 1 and "no HQQLinear" in p.warnings[0]
-    with pytest.warns(KbitPrepWarning, match="no HQQLinear"):
-        prepare(model)
+    assert p.backend == "none"
+    assert "'hqq'" in p.reason and "dequantized" in p.reason
+    assert len(p.casts) == 21 and {c.to_dtype for c in p.casts} == {"torch.float32"}
 
 
 def test_hqq_layers_in_another_compute_dtype_are_reported_and_still_run() -> None:

@@ -44,10 +44,13 @@ def plain(root: str) -> Any:
 
 
 def generic(root: str) -> Any:
-    """A plain bf16 model flagged as quantized by a method kbitprep has no strategy for."""
+    """A bf16 model flagged as quantized by a method kbitprep has no strategy for ("vptq"), with
+    an int8 buffer standing in for that method's storage: a label with no storage behind it is
+    an unquantized model (issue 12), so the storage is what makes this "generic"."""
     model = plain(root)
     model.is_quantized = True
-    model.quantization_method = "quanto"
+    model.quantization_method = "vptq"
+    model.model.layers[0].mlp.register_buffer("codes", torch.zeros(64, 8, dtype=torch.int8))
     return model
 
 

@@ -259,7 +259,7 @@ ORDER_KINDS = ["none", "generic", "bnb4", "bnb8", "torchao_hf", "hqq"]
 @pytest.mark.parametrize("order", ["prepare", "reentrant-then-prepare", "prepare-lora-then-reentrant"])
 @pytest.mark.parametrize("kind", ORDER_KINDS)
 def test_adapters_get_gradients_whatever_the_call_order(kind: str, order: str, model_root: str) -> None:
-    """C11 whole kind: for none, generic (flagged quanto; the warning names it), bnb 4-bit and
+    """C11 whole kind: for none, generic (flagged vptq with int8 storage; the warning names it), bnb 4-bit and
     8-bit, torchao and hqq, in each order of prepare / attaching adapters / enabling reentrant
     checkpointing, the standard step gives 8 LoRA grads and no module carries more than one
     input-grad hook (exactly one on embed_tokens wherever reentrant checkpointing is on)."""
@@ -268,7 +268,7 @@ def test_adapters_get_gradients_whatever_the_call_order(kind: str, order: str, m
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)
     report = _prepare(model)
     if kind == "generic":
-        assert any("quanto" in w for w in report.warnings)
+        assert any("'vptq'" in w for w in report.warnings)
     target = add_lora(model)
     if order == "prepare-lora-then-reentrant":
         if report.gradient_checkpointing:  # a later, different request is applied with a warning

@@ -21,10 +21,13 @@ def _linear4bit(model: Any) -> list[Any]:
 def _pack_like_an_avx512bf16_cpu(model: Any) -> None:
     """What one eval no-grad forward does to every Linear4bit on a CPU with AVX512-BF16
     (bitsandbytes 0.50.2 Linear4bit.forward): repack the weight into the CPU-only layout with
-    bitsandbytes' own function, and leave the fast-path flag on."""
+    bitsandbytes' own function, and leave the fast-path flag on. A layer the real forward already
+    repacked (this CPU has AVX512-BF16) is left as it is: packing twice is not what bitsandbytes does."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
     for m in _linear4bit(model):
+        if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            continue
         m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
         m.support_avx512bf16_for_cpu = True
 
@@ -45,11 +48,11 @@ def test_prepare_undoes_the_cpu_inference_repack_of_4bit_weights(
         print(f"\n[C13] bitsandbytes.functional.has_avx512bf16() = {has_avx512bf16()}")  # type: ignore[no-untyped-call]
 
     model = bnb4(model_root)
-    with torch.no_grad():  # the smoke-test forward, eval mode as from_pretrained leaves it
-        model(standard_batch())
     layers = _linear4bit(model)
     assert len(layers) == 14
-    copies = {id(m): m.weight.detach().clone() for m in layers}
+    copies = {id(m): m.weight.detach().clone() for m in layers}  # the layout from_pretrained leaves
+    with torch.no_grad():  # the smoke-test forward, eval mode as from_pretrained leaves it
+        model(standard_batch())
     _pack_like_an_avx512bf16_cpu(model)
     assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
     assert {tuple(m.weight.shape) for m in layers} != {(2048, 1), (4096, 1)}
