@@ -98,12 +98,19 @@ class _UpcastLinear(torch.autograd.Function):
 
 
 class _ComputeAt(nn.Module):
-    """Mixin put first in the class of a module with a :class:`ComputeSpec`."""
+    """The methods copied into the class of a module with a :class:`ComputeSpec`.
+
+    They are copied into a one-base subclass (:func:`_subclass`) rather than mixed in: CPython
+    refuses a ``__class__`` assignment to a class with a second base when the original class
+    lays out its instance differently (optimum-quanto 0.2.7 ``QLinear``, whose ``abc.ABC`` mixin
+    comes first: "object layout differs"), so they call the original class's ``forward``
+    explicitly instead of ``super()``.
+    """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         spec = spec_of(self)
         if spec is None:
-            return super().forward(*args, **kwargs)
+            return getattr(type(self), _ORIGINAL).forward(self, *args, **kwargs)
         args, kwargs = _cast(args, spec.dtype), _cast(kwargs, spec.dtype)
         if self.training:
             _warn_if_trainable_low(self, spec)
@@ -141,7 +148,7 @@ class _ComputeAt(nn.Module):
                 saved[name] = param
                 self._parameters[name] = param.to(spec.dtype)  # type: ignore[assignment]
         try:
-            return super().forward(*args, **kwargs)
+            return getattr(type(self), _ORIGINAL).forward(self, *args, **kwargs)
         finally:
             self._parameters.update(saved)
 
@@ -171,11 +178,12 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def _subclass(cls: type) -> type:
-    """``cls`` with :class:`_ComputeAt` first in its MRO (one per class, same name)."""
+    """``cls`` with :class:`_ComputeAt`'s methods (one per class, same name, one base: ``cls``)."""
     sub = _SUBCLASSES.get(cls)
     if sub is None:
-        attrs = {_ORIGINAL: cls, "__module__": cls.__module__, "__doc__": cls.__doc__}
-        sub = _SUBCLASSES[cls] = type(cls.__name__, (_ComputeAt, cls), attrs)
+        methods = {k: v for k, v in vars(_ComputeAt).items() if callable(v) and not k.startswith("__")}
+        attrs = {**methods, _ORIGINAL: cls, "__module__": cls.__module__, "__doc__": cls.__doc__}
+        sub = _SUBCLASSES[cls] = type(cls.__name__, (cls,), attrs)
     return sub
 
 

@@ -189,13 +189,6 @@ def test_quanto_is_detected_in_every_evidence_tier(model_root: str, tier: str) -
     assert plan(model).casts == ()
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="orchestrator: kbitprep._compute installs the input cast by assigning a mixin subclass to "
-    "__class__, which CPython refuses for quanto's QLinear (abc.ABC in its bases: 'object layout "
-    "differs'); reported to the lead, remove this mark once the cast works",
-)
 def test_quanto_upcast_all_casts_only_plain_parameters_and_feeds_layers_their_dtype(model_root: str) -> None:
     """upcast="all" on bf16 int4: the 7 plain parameters go to fp32, the quanto weights stay
     bf16-reporting subclasses, and LoRA trains (the layers must get bf16 inputs: on fp32 they
