@@ -241,7 +241,7 @@ def load_nf4(compute_dtype: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from kbitprep import _demo
+    from kbitprep import demo
 
     config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -250,7 +250,7 @@ def load_nf4(compute_dtype: Any) -> Any:
         bnb_4bit_compute_dtype=compute_dtype,
     )
     return AutoModelForCausalLM.from_pretrained(
-        _demo.default_model_dir(print), dtype=torch.bfloat16, device_map="cpu", quantization_config=config
+        demo.default_model_dir(print), dtype=torch.bfloat16, device_map="cpu", quantization_config=config
     )
 
 
@@ -263,14 +263,14 @@ def train_side_by_side(source: Any, steps: int, seq_len: int, batch_size: int) -
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from kbitprep import _demo
+    from kbitprep import demo
 
-    tokenizer = _demo.load_tokenizer(_demo.default_model_dir())
-    train_text, held_text = _demo.corpus()
-    train_ids = _demo.tokenize(tokenizer, train_text)
-    held = _demo.held_out_blocks(_demo.tokenize(tokenizer, held_text), seq_len)
+    tokenizer = demo.load_tokenizer(demo.default_model_dir())
+    train_text, held_text = demo.corpus()
+    train_ids = demo.tokenize(tokenizer, train_text)
+    held = demo.held_out_blocks(demo.tokenize(tokenizer, held_text), seq_len)
     generator = torch.Generator().manual_seed(0)
-    batches = [_demo._train_windows(train_ids, seq_len, batch_size, generator) for _ in range(steps)]
+    batches = [demo.train_windows(train_ids, seq_len, batch_size, generator) for _ in range(steps)]
 
     runs: dict[str, dict[str, Any]] = {}
     for name in ("peft", "kbitprep", "keep"):
@@ -295,7 +295,7 @@ def train_side_by_side(source: Any, steps: int, seq_len: int, batch_size: int) -
             run["losses"].append(float(loss))
         print(f"  step {step + 1}/{steps}: " + ", ".join(f"{n} {runs[n]['losses'][-1]:.3f}" for n in runs), flush=True)
     for run in runs.values():
-        run["held_out"] = _demo._mean_loss(run["model"], held, batch_size)
+        run["held_out"] = demo.mean_loss(run["model"], held, batch_size)
         del run["model"], run["opt"]
     return runs
 

@@ -1,7 +1,7 @@
 """The ``kbitprep`` command line: ``backends``, ``inspect`` and ``demo``.
 
 argparse for the commands, rich for the tables and the progress bar (imported inside the
-commands that draw). The work itself lives in ``kbitprep._demo``. ``python -m kbitprep`` is the
+commands that draw). The work itself lives in ``kbitprep.demo``. ``python -m kbitprep`` is the
 same program.
 
 Exit codes: 0 success; 1 the demo trained but failed a check (a LoRA parameter got no gradient
@@ -22,18 +22,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kbitprep._demo import QUANTIZATIONS, DemoOptions, TrainingCheckError
 from kbitprep._errors import KbitPrepError, KbitPrepWarning
+from kbitprep.demo import QUANTIZATIONS, DemoOptions, TrainingCheckError
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from kbitprep._demo import DemoResult
     from rich.table import Table as RichTable
 
     from kbitprep._prepare import PreparationPlan
-    from kbitprep._render import Table as RenderTable
     from kbitprep._registry import Detection
+    from kbitprep._render import Table as RenderTable
+    from kbitprep.demo import DemoResult
 
 __all__ = ["build_parser", "main"]
 
@@ -228,10 +227,10 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from kbitprep import _demo
+    from kbitprep import demo
 
     _quiet_transformers()
-    detection, p, nbytes = _demo.inspect_model(args.model_dir, args.quantization, args.keep_in_low_precision)
+    detection, p, nbytes = demo.inspect_model(args.model_dir, args.quantization, args.keep_in_low_precision)
     if args.json:
         data = {
             "model": str(args.model_dir),
@@ -279,6 +278,7 @@ def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None
     from kbitprep._render import plan_view
 
     view = plan_view(p, group_casts=True)
+    console.print("[bold]Plan:[/] what kbitprep.prepare does to this model, decided before anything is changed")
     console.print(_rich_table(view.casts))
     if view.precision is not None:
         console.print(_rich_table(view.precision))
@@ -299,7 +299,7 @@ def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None
 
 
 class _RichReporter:
-    """Draws the demo's progress with rich (``kbitprep._demo.Reporter``)."""
+    """Draws the demo's progress with rich (``kbitprep.demo.Reporter``)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -364,10 +364,10 @@ class _RichReporter:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kbitprep import _demo
+    from kbitprep import demo
 
     _quiet_transformers()
-    options = _demo.DemoOptions(
+    options = demo.DemoOptions(
         model=args.model,
         quantization=args.quantization,
         steps=args.steps,
@@ -379,14 +379,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     console = _console()
     try:
-        result = _demo.run_demo(options, _RichReporter(console))
+        result = demo.run_demo(options, _RichReporter(console))
     except TrainingCheckError as exc:
         _write_json(console, exc.result, args.json_path)
         _console(stderr=True).print(f"[bold red]FAILED:[/] {_escape(exc)}", highlight=False, soft_wrap=True)
         return 1
     _print_result(console, result)
     if args.plot:
-        _demo.save_loss_plot(result, args.plot)
+        demo.save_loss_plot(result, args.plot)
         console.print(f"Loss curve written to {_escape(args.plot)}")
     _write_json(console, result, args.json_path)
     return 0
