@@ -354,7 +354,12 @@ def test_refuses_what_fsdp_cannot_shard(model_root: str) -> None:
     [
         ({"distributed": "ddp"}, "distributed must be"),
         ({"distributed": "fsdp", "upcast": "all"}, "cannot be combined"),
-        ({"distributed": "fsdp", "gradient_checkpointing_kwargs": {"use_reentrant": True}}, "non-reentrant"),
+        (
+            {"distributed": "fsdp", "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+            # what was found, what FSDP needs, and the fix
+            r"use_reentrant=True cannot be combined with distributed='fsdp', which needs use_reentrant=False\. "
+            r"Pass gradient_checkpointing_kwargs=\{'use_reentrant': False\} or leave it out",
+        ),
     ],
 )
 def test_conflicting_options(bf16_storage: torch.nn.Module, kwargs: dict[str, Any], match: str) -> None:

@@ -224,18 +224,26 @@ def _installed_deepspeed() -> tuple[int, ...] | None:
     return tuple(parts)
 
 
-def _zero3_reentrant(stage: int | None, found: list[str]) -> bool | None:
-    """``True`` when ZeRO-3 (or an unknown stage) meets a DeepSpeed without the recompute fix."""
+def _zero3_reentrant(asked: str, stage: int | None, found: list[str]) -> bool | None:
+    """The ``use_reentrant`` ZeRO-3 requires: ``True`` when ZeRO-3 (or an unknown stage) meets a
+    DeepSpeed without the recompute fix, ``None`` (the caller's choice stands) otherwise. Under
+    ZeRO-3 the plan says which it is and why, as TRL's trainers override the mode there."""
     if stage is not None and stage != 3:
         return None
     version = _installed_deepspeed()
     if version is not None and version >= DEEPSPEED_RECOMPUTE_FIX:
-        return None  # both modes train; the caller's choice (default False) stands
+        found.append(
+            f"distributed={asked!r}: checkpointing keeps the caller's use_reentrant (default False). ZeRO-3 on "
+            f"DeepSpeed {'.'.join(map(str, version))} keeps frozen parameters gathered while a non-reentrant "
+            "checkpoint recomputes (fixed in 0.19.3), so both modes train. TRL's trainers still force "
+            "use_reentrant=True for PEFT under ZeRO-3; that trains too."
+        )
+        return None
     have = (
         "DeepSpeed is not installed in this process" if version is None else f"DeepSpeed {'.'.join(map(str, version))}"
     )
     found.append(
-        f"distributed='deepspeed': checkpointing uses use_reentrant=True. {have}; before 0.19.3 ZeRO-3 "
+        f"distributed={asked!r}: checkpointing uses use_reentrant=True. {have}; before 0.19.3 ZeRO-3 "
         "re-partitions frozen parameters during a non-reentrant recompute, and backward fails with "
         "'CheckpointError: Recomputed values ... have different metadata'. Upgrade to deepspeed>=0.19.3 "
         "to keep non-reentrant checkpointing."
@@ -375,7 +383,7 @@ def _resolve_deepspeed(
             )
     if asked == "auto" and setup is not None:
         found.append(f"distributed='auto' turned the DeepSpeed mode on: {setup.source} configures ZeRO stage 3.")
-    reentrant = _zero3_reentrant(stage, found)
+    reentrant = _zero3_reentrant(asked, stage, found)
     if setup is None or not setup.dtype_known:
         shard = float_storage[0] if float_storage else _majority_dtype(floating)
         what = (
