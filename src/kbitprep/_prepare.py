@@ -20,7 +20,7 @@ from torch import nn
 from kbitprep import _distributed
 from kbitprep._checkpoint_step import apply_checkpointing, plan_checkpointing
 from kbitprep._compute import apply_precision
-from kbitprep._context import Context, Step, prefix_of, take_inventory
+from kbitprep._context import Context, ParamEntry, Step, prefix_of, take_inventory
 from kbitprep._errors import InvalidArgumentError, InvalidModelError, KbitPrepWarning
 from kbitprep._hf import unwrap_model
 from kbitprep._options import Options, PrepareOptions, UpcastPolicy, parse_options
@@ -112,28 +112,41 @@ def _output_embeddings(base: nn.Module) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
+def _unquantized_matrices(ctx: Context) -> list[ParamEntry]:
+    """Plain floating weight matrices (2-D and more, fused 3-D experts included) outside the
+    embeddings and the output head, which are left unquantized on purpose by every method."""
+    head = _output_embeddings(ctx.base)
+    return [
+        e
+        for e in ctx.inventory
+        if e.plain_float and e.param.dim() >= 2 and not isinstance(e.module, nn.Embedding) and e.module is not head
+    ]
+
+
 def _plan_trainability(ctx: Context) -> Step:
     """Refuse before anything changes when adapters cannot train; the backend's findings; the
-    bytes in quantized storage, and a warning when most weight matrices are not quantized (fused
-    MoE experts that transformers 5's 4-bit loader leaves in 16-bit)."""
+    bytes in quantized storage and in plain floating parameters, and a warning when the weight
+    matrices left in floating point outweigh the quantized storage (fused MoE experts that
+    transformers 5's 4-bit loader leaves in 16-bit)."""
     ctx.strategy.check_trainable(ctx.base)
     step = Step(warnings=list(ctx.strategy.plan_warnings(ctx.base)))
     storage = sum(tensor_nbytes(e.param) for e in ctx.inventory if e.storage)
     floating = sum(tensor_nbytes(e.param) for e in ctx.inventory if e.plain_float)
     step.fields.update(storage_bytes=storage, float_bytes=floating)
-    head = _output_embeddings(ctx.base)
-    matrices = [
-        e
-        for e in ctx.inventory
-        if e.plain_float and e.param.dim() >= 2 and not isinstance(e.module, nn.Embedding) and e.module is not head
-    ]
+    matrices = _unquantized_matrices(ctx)
     left = sum(tensor_nbytes(e.param) for e in matrices)
     if storage and left > storage:
+        # the largest matrix, first in model order among equals: the experts rather than a router
+        top = max(matrices, key=lambda e: tensor_nbytes(e.param))
+        shape = "x".join(str(s) for s in top.param.shape)
+        owner = top.names[0].rpartition(".")[0].rpartition(".")[2] or top.names[0]
         step.warnings.append(
-            f"Most weight bytes are not quantized: {left:,} bytes of weight matrices stay in floating point "
-            f"(first: {matrices[0].names[0]!r}, {matrices[0].param.dtype}) beside {storage:,} bytes of quantized "
-            "storage, e.g. fused MoE experts the loader left unquantized. Memory is far above what the "
-            "quantization method suggests; quantize those weights too, or budget for them."
+            f"Most weight bytes are not quantized: {left:,} bytes in {len(matrices)} weight matrices stay in "
+            f"floating point beside {storage:,} bytes of quantized storage ({storage / (storage + floating):.0%} "
+            f"of the parameter bytes are quantized). Largest: {top.names[0]!r} ({shape}, {top.param.dtype}); "
+            "fused MoE experts are the usual case, since the loader quantizes linear layers only. Memory is far "
+            "above what the quantization method suggests: quantize those weights too, budget for them, or keep "
+            f"them at their stored dtype rather than upcast with keep_in_low_precision=({owner!r},)."
         )
     return step
 

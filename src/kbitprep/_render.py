@@ -96,6 +96,24 @@ def _checkpointing(p: PreparationPlan) -> str:
     return "; ".join(parts)
 
 
+def _percent(part: int, whole: int) -> str:
+    share = part / whole
+    if 0 < share < 0.01:
+        return "<1%"
+    if 0.99 < share < 1:
+        return ">99%"
+    return f"{share:.0%}"
+
+
+def _quantized_share(storage: int, floating: int) -> str:
+    """The quantized share of the base parameter bytes, and what stays in floating point."""
+    whole = storage + floating
+    return (
+        f"{storage:,} bytes ({_percent(storage, whole)} of parameter bytes); "
+        f"not quantized: {floating:,} bytes ({_percent(floating, whole)})"
+    )
+
+
 def _summary(p: PreparationPlan) -> tuple[tuple[str, str], ...]:
     rows = [
         ("bytes delta", f"{p.bytes_delta:+,}"),
@@ -105,8 +123,7 @@ def _summary(p: PreparationPlan) -> tuple[tuple[str, str], ...]:
         ("input-grad hook", "yes" if p.input_grad_hook else "no"),
     ]
     if p.storage_bytes:
-        share = p.storage_bytes / (p.storage_bytes + p.float_bytes)
-        rows.append(("quantized storage", f"{p.storage_bytes:,} bytes ({share:.0%} of parameter bytes)"))
+        rows.append(("quantized storage", _quantized_share(p.storage_bytes, p.float_bytes)))
     for item in (i for i in p.model_inputs if i.name != "inputs_embeds"):
         how = "cast by kbitprep" if item.cast else "pass it in this dtype"
         rows.append((f"model input {item.name}", f"{_short(item.dtype)} at {item.module or 'the model'} ({how})"))
