@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -101,6 +102,7 @@ class _Registry:
         self.classes: dict[str, type[QuantBackend]] = {}
         self.sources: dict[str, str] = {}
         self.broken: dict[str, tuple[str, str]] = {}  # key -> (source, reason)
+        self.failed: dict[str, str] = {}  # registered name -> why it could not be instantiated later
         self.instances: dict[str, QuantBackend] = {}
         self.plugins_loaded = False
 
@@ -170,33 +172,87 @@ _registry = _Registry()
 
 
 def _check_class(cls: object) -> None:
+    """Refuse a backend class that the registry could not use, before it is registered.
+
+    Checked: a :class:`QuantBackend` subclass with a ``name``, no abstract method left (``detect``
+    in particular), ``requires`` a tuple of strings, instantiable as ``cls()``, and every method of
+    the ``QuantBackend`` contract it overrides callable with the arguments kbitprep passes. A
+    plugin entry point naming a refused class is listed as ``broken: <reason>``.
+
+    Raises:
+        InvalidArgumentError: One of those does not hold; the message says what was found, what
+            was expected and how to fix it.
+    """
     if not (isinstance(cls, type) and issubclass(cls, QuantBackend)):
         raise InvalidArgumentError(
             f"A backend must be a subclass of kbitprep.QuantBackend; got {cls!r}. "
             "Subclass QuantBackend and set a `name`."
         )
+    where = f"{cls.__module__}.{cls.__qualname__}"
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-        raise InvalidArgumentError(
-            f'Backend class {cls.__qualname__} has no `name`; set the class attribute `name = "..."`.'
-        )
+        raise InvalidArgumentError(f'Backend class {where} has no `name`; set the class attribute `name = "..."`.')
     abstract = sorted(getattr(cls, "__abstractmethods__", ()))
+    if "detect" in abstract:
+        raise InvalidArgumentError(
+            f"Backend class {where} does not implement detect(); it is abstract on QuantBackend. Every backend "
+            "must define `def detect(self, model) -> str | None`, returning a one-line reason when it "
+            "quantized the model and None otherwise."
+        )
     if abstract:
         raise InvalidArgumentError(
-            f"Backend class {cls.__qualname__} does not implement {', '.join(abstract)}; a backend must "
-            "implement detect(model) -> str | None (and every other abstract method) to be registered."
+            f"Backend class {where} cannot be instantiated: its abstract method(s) {', '.join(abstract)} are "
+            "not implemented. Implement them, or register a concrete subclass instead."
         )
     if not isinstance(getattr(cls, "requires", ()), tuple) or not all(isinstance(r, str) for r in cls.requires):
         raise InvalidArgumentError(
-            f"Backend class {cls.__qualname__}.requires must be a tuple of import names such as "
-            f"('mylib',); got {cls.requires!r}."
+            f"Backend class {where}.requires must be a tuple of import names such as ('mylib',); "
+            f'got {cls.requires!r}. Set `requires = ("mylib",)` on the class.'
         )
     try:
-        cls()
+        instance = cls()
     except Exception as exc:
         raise InvalidArgumentError(
-            f"Backend class {cls.__qualname__} cannot be instantiated without arguments "
-            f"({type(exc).__name__}: {exc}); the registry creates one instance with cls()."
+            f"Backend class {where} cannot be instantiated without arguments ({type(exc).__name__}: {exc}); "
+            "the registry creates its one instance with cls(). Give __init__ no required arguments and "
+            "defer anything that may fail (a library import, a device query) to the method that needs it."
         ) from exc
+    _check_hooks(where, cls, instance)
+
+
+@functools.cache
+def _contract_methods() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``(method, argument names)`` of every public instance method that QuantBackend defines."""
+    out = []
+    for attr, value in vars(QuantBackend).items():
+        if not attr.startswith("_") and inspect.isfunction(value):
+            out.append((attr, tuple(inspect.signature(value).parameters)[1:]))
+    return tuple(out)
+
+
+def _check_hooks(where: str, cls: type[QuantBackend], instance: QuantBackend) -> None:
+    """Every contract method ``cls`` overrides is callable with kbitprep's positional arguments."""
+    for attr, args in _contract_methods():
+        if getattr(cls, attr, None) is getattr(QuantBackend, attr):
+            continue  # inherited as it is
+        expected = f"def {attr}(self{''.join(', ' + a for a in args)})"
+        impl = getattr(instance, attr, None)
+        if not callable(impl):
+            raise InvalidArgumentError(
+                f"Backend class {where}.{attr} is {impl!r}, not a method. kbitprep calls "
+                f"{attr}({', '.join(args)}) on every backend; define `{expected}` or remove the attribute."
+            )
+        try:
+            signature = inspect.signature(impl)
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to compare
+            continue
+        try:
+            signature.bind(*args)
+        except TypeError as exc:
+            found = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in signature.parameters.values())
+            raise InvalidArgumentError(
+                f"Backend class {where}.{attr} takes ({found}), so kbitprep's call {attr}({', '.join(args)}) "
+                f"would fail ({exc}). Give it the signature `{expected}`."
+            ) from None
 
 
 @overload
@@ -237,6 +293,7 @@ def register_backend(cls: _B | None = None, *, replace: bool = False) -> _B | Ca
         _registry.classes[name] = klass
         _registry.sources[name] = "runtime"
         _registry.instances.pop(name, None)
+        _registry.failed.pop(name, None)
         return klass
 
     if cls is None:
@@ -295,6 +352,8 @@ def available_backends() -> Mapping[str, BackendInfo]:
             continue
         hint = _missing_dependency(name)
         status = f"missing dependency: {hint}" if hint else "ok"
+        if name in _registry.failed:
+            status = f"broken: {_registry.failed[name]}"
         out[name] = BackendInfo(name, _registry.sources.get(name, source), status, int(cls.priority))
     for key, (source, reason) in _registry.broken.items():
         out.setdefault(key, BackendInfo(key, source, f"broken: {reason}", 0))
@@ -308,9 +367,10 @@ def _claims(model: nn.Module) -> list[tuple[int, int, str, str]]:
         try:
             backend = _registry.get_class(name)()
         except Exception as exc:  # registration checks make this rare; never skip it silently
-            logger.error("Backend %r could not be instantiated while detecting: %s", name, exc)
-            _registry.broken.setdefault(name, (_registry.sources.get(name, "builtin"), f"{type(exc).__name__}: {exc}"))
+            logger.error("Backend %r could not be instantiated while detecting, so it was skipped: %s", name, exc)
+            _registry.failed[name] = f"{type(exc).__name__}: {exc} (raised creating the backend during detection)"
             continue
+        _registry.failed.pop(name, None)
         try:
             reason = backend.detect(model)
         except Exception as exc:

@@ -51,6 +51,12 @@ class TestToyQuant(BackendConformanceTests):
         return tiny_toyquant_model()
 
 
+def test_the_kit_runs_every_group_for_toyquant() -> None:
+    """toyquant opts out of no conformance group: every check above runs."""
+    for group in ("detection", "storage", "plan_apply", "undo", "training"):
+        assert getattr(TestToyQuant, f"skip_{group}") is None, group
+
+
 def test_found_through_the_entry_point() -> None:
     info = kbitprep.available_backends()["toyquant"]
     assert (info.source, info.status) == ("kbitprep-toyquant", "ok")

@@ -1,1 +1,1 @@
-"""Test fixture: two kbitprep backend plugins that must show as ``broken: ...``."""
+"""Test fixture: kbitprep backend plugins that must show as ``broken: ...``."""
