@@ -137,9 +137,14 @@ ROWS: tuple[CoverageRow, ...] = (
         "compressed_tensors",
         "weight_packed int32/uint8 with weight_scale (float, float8) or float8 weight",
         _NO_UPCAST,
-        "weight-only schemes yes (decompressed before training); activation-quantized schemes refused",
-        (),
-        "tests are being written with the strategy (tests/backends/test_compressed_tensors.py)",
+        "weight-only schemes yes (decompressed before training, the bytes in the plan); activation-quantized "
+        "schemes refused (fake-quantized under no_grad)",
+        (
+            "tests/backends/test_compressed_tensors.py::test_lora_trains_one_step_with_the_loss_of_the_library_own_decompression",
+            "tests/backends/test_compressed_tensors.py::test_transformers_load_is_detected_decompressed_as_dequantize_would_and_trains",
+            "tests/backends/test_compressed_tensors.py::test_activation_quantized_schemes_are_refused_before_anything_changes",
+        ),
+        "W4A16, W8A16, NVFP4A16 and FP8 layers built on CPU with compressed-tensors 0.20.1 itself",
     ),
     CoverageRow(
         "fbgemm_fp8",

@@ -50,6 +50,7 @@ _BUILTINS: dict[str, str] = {
     "awq": "kbitprep.backends.awq:AwqBackend",
     "bitnet": "kbitprep.backends.bitnet:BitNetBackend",
     "bitsandbytes": "kbitprep.backends.bitsandbytes:BitsAndBytesBackend",
+    "compressed_tensors": "kbitprep.backends.compressed_tensors:CompressedTensorsBackend",
     "eetq": "kbitprep.backends.eetq:EetqBackend",
     "fp8": "kbitprep.backends.fp8:Fp8Backend",
     "generic": "kbitprep.backends.generic:GenericBackend",
