@@ -267,10 +267,11 @@ def _model_inputs(ctx: Context, computes: dict[str, torch.dtype], mixed: bool) -
 
 def _input_warnings(ctx: Context, inputs: tuple[ModelInput, ...]) -> list[str]:
     modules = dict(ctx.model.named_modules())
+    storage = {id(e.param) for e in ctx.inventory if e.storage}  # never a compute dtype (issue 11)
     found = []
     for item in inputs:
         module = modules[item.module]
-        own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+        own = [p for p in module.parameters(recurse=False) if p.is_floating_point() and id(p) not in storage]
         # norms convert their input themselves; a convolution or matmul refuses another dtype
         strict = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
         if item.cast or not strict or not own or str(own[0].dtype) == item.dtype:
