@@ -416,7 +416,7 @@ def detect_backend(model: nn.Module) -> Detection:
     dequantized = _label_without_storage(base, name)
     if dequantized is not None:
         return Detection("none", dequantized)
-    others = tuple((n, r) for _p, _o, n, r in claims[1:] if n not in ("generic", "none"))
+    others = tuple((n, r) for _p, _o, n, r in claims[1:] if not _registry.get_class(n).fallback)
     return Detection(name, reason, others)
 
 

@@ -74,6 +74,10 @@ class QuantBackend(abc.ABC):
     unquantized: ClassVar[bool] = False
     """True only for the strategy of a model with no quantized storage (``none``): peft's
     upcast, checkpointing left as the model has it, and a warning that states the bytes added."""
+    fallback: ClassVar[bool] = False
+    """True for a strategy that claims whatever no specific strategy claims (``generic`` and
+    ``none``): when it claims a model beside another strategy, :func:`kbitprep.detect_backend`
+    does not list it among ``Detection.others``."""
 
     @abc.abstractmethod
     def detect(self, model: nn.Module) -> str | None:

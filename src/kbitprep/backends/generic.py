@@ -29,6 +29,7 @@ class GenericBackend(QuantBackend):
 
     name: ClassVar[str] = "generic"
     priority: ClassVar[int] = -100
+    fallback: ClassVar[bool] = True
 
     def detect(self, model: nn.Module) -> str | None:
         evidence = _method(model)

@@ -22,6 +22,7 @@ class NoQuantBackend(QuantBackend):
 
     name: ClassVar[str] = "none"
     priority: ClassVar[int] = -1000
+    fallback: ClassVar[bool] = True
     unquantized: ClassVar[bool] = True
 
     def detect(self, model: nn.Module) -> str | None:
