@@ -22,8 +22,7 @@ def main(model_dir: str, out_dir: str) -> None:
     from transformers import LlamaForCausalLM, Trainer
 
     import kbitprep
-    from _models import add_lora, bnb4_config, load
-    from _training import TokenDataset, input_grad_hooks, lora_params, training_args
+    from _fixtures import TokenDataset, add_lora, bnb4_config, input_grad_hooks, load, lora_params, training_args
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import bnb4_config, load, saved_tiny, tiny_llama
+from _fixtures import bnb4_config, load, saved_tiny, tiny_llama
 from kbitprep import (
     InvalidArgumentError,
     InvalidModelError,

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import hook_count, tiny_llama
-from cases._kinds import bnb4, model_state, plain
+from _fixtures import bnb4, hook_count, model_state, plain, tiny_llama
 
 REENTRANT = {"use_reentrant": True}
 
@@ -97,7 +96,7 @@ def _mixed_cpu_meta(root: str, mp: pytest.MonkeyPatch) -> Any:
 
 
 def _peft(root: str, mp: pytest.MonkeyPatch) -> Any:
-    from _models import add_lora
+    from _fixtures import add_lora
 
     return add_lora(bnb4(root))
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, bnb4_config, grad_counts, load, saved_tiny, standard_step
 
 pytest.importorskip("bitsandbytes")
 tf5_only = pytest.mark.skipif(

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from _models import bnb4_config, load, tiny_llama, transformers_major
+from _fixtures import bnb4_config, load, tiny_llama, transformers_major
 from kbitprep import InvalidArgumentError, KbitPrepError, UnknownBackendError
 from kbitprep.backends.base import QuantBackend
 from kbitprep.testing import (

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import kbitprep
-from _models import bnb4_config, load, saved_tiny, standard_batch
+from _fixtures import bnb4_config, load, saved_tiny, standard_batch
 from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError, _distributed
 
 pytestmark = pytest.mark.distributed

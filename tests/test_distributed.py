@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kbitprep
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, add_lora, bnb4_config, load, saved_tiny, standard_batch
+from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, add_lora, bnb4_config, load, saved_tiny, standard_batch
 from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError
 
 pytestmark = pytest.mark.distributed

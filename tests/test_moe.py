@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step, transformers_major
+from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step, transformers_major
 
 pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
 

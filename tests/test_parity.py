@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
 
 pytest.importorskip("peft", reason="parity tests compare against peft; pip install peft==0.21.2")
 

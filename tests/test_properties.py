@@ -46,7 +46,7 @@ from hypothesis import given, note  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _models import add_lora, param_bytes, tiny_llama  # noqa: E402
+from _fixtures import add_lora, param_bytes, tiny_llama  # noqa: E402
 from kbitprep.backends.base import tensor_nbytes  # noqa: E402
 
 VOCAB = 128

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, bnb4_config, load, saved_tiny, tiny_llama
+from _fixtures import add_lora, bnb4_config, load, saved_tiny, tiny_llama
 from kbitprep import (
     BackendUnavailableError,
     DuplicateBackendError,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kbitprep
-from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
 from kbitprep.backends.base import QuantBackend
 
 
@@ -74,7 +74,7 @@ def test_no_backend_may_be_named_auto() -> None:
 
 def test_reports_undone_out_of_order_still_restore_the_model(model_root: str) -> None:
     """Undoing an earlier report first also undoes the later ones on the same model."""
-    from _models import checkpointing_on, snapshot
+    from _fixtures import checkpointing_on, snapshot
 
     model = load(saved_tiny(model_root), quantization_config=bnb4_config())
     before = snapshot(model)

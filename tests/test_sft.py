@@ -15,15 +15,18 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import LORA_TARGETS, bnb4_config, load, saved_tiny
-from _training import (
+from _fixtures import (
+    LORA_TARGETS,
     UseCacheProbe,
     assert_every_lora_changed,
+    bnb4_config,
     common_args,
     count_real_enables,
     finite_losses,
     input_grad_hooks,
+    load,
     lora_params,
+    saved_tiny,
     watch,
 )
 from kbitprep._checkpointing import current_use_reentrant, is_enabled

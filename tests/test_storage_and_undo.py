@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, add_lora, bnb4_config, enable_checkpointing, load, saved_tiny, standard_step, transformers_major
+from _fixtures import (
+    ENABLE_ADDS_INPUT_GRAD_HOOK,
+    add_lora,
+    bnb4_config,
+    enable_checkpointing,
+    load,
+    saved_tiny,
+    standard_step,
+    transformers_major,
+)
 
 
 def _bnb4() -> Any:

@@ -17,15 +17,19 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, bnb4_config, load, saved_tiny, tiny_llama
-from _training import (
+from _fixtures import (
     TokenDataset,
     UseCacheProbe,
+    add_lora,
     assert_every_lora_changed,
+    bnb4_config,
     count_real_enables,
     finite_losses,
     input_grad_hooks,
+    load,
     lora_params,
+    saved_tiny,
+    tiny_llama,
     training_args,
     watch,
 )

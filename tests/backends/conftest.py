@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +12,7 @@ def gptq_dir(model_root: str) -> str:
     """The tiny Llama quantized with gptqmodel 7.6.0 on CPU (4 bits, group 32), saved once (C05 a)."""
     pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0)")
     pytest.importorskip("optimum", reason="optimum is not installed")
-    from _fixtures import quantize_gptq
-
-    from _models import saved_tiny
+    from _fixtures import quantize_gptq, saved_tiny
 
     return quantize_gptq(saved_tiny(model_root, "float16"), str(Path(model_root) / "gptq-4bit-g32"))
 
@@ -27,9 +22,7 @@ def awq_dir(model_root: str) -> str:
     """The tiny Llama quantized to 4-bit AWQ (group 32) by auto-round on CPU, saved once."""
     pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0)")
     pytest.importorskip("auto_round", reason="auto-round is not installed (pip install auto-round==0.16.1)")
-    from _fixtures import quantize_awq
-
-    from _models import saved_tiny
+    from _fixtures import quantize_awq, saved_tiny
 
     return quantize_awq(saved_tiny(model_root, "float16"), str(Path(model_root) / "awq-4bit-g32"))
 

@@ -10,16 +10,28 @@ from torch import nn
 
 pytest.importorskip("aqlm", reason="aqlm is not installed (pip install 'aqlm[cpu]')")
 
-from _models import transformers_major  # noqa: E402
+from _fixtures import transformers_major  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     transformers_major() < 5,
     reason="on transformers 4.57 the synthesized 1x16/2x8 checkpoints load with lm_head converted to AQLM as well (15 layers): the C17 expectations of a plain lm_head hold on transformers 5",
 )
 
-from _fixtures import N_LINEARS, N_PLAIN, UPCAST_IDS, UPCASTS, from_pretrained, prepare_quietly, storage_state  # noqa: E402
-
-from _models import add_lora, checkpointing_on, grad_counts, hook_count, standard_batch, standard_step  # noqa: E402
+from _fixtures import (  # noqa: E402  # noqa: E402
+    N_LINEARS,
+    N_PLAIN,
+    UPCAST_IDS,
+    UPCASTS,
+    add_lora,
+    checkpointing_on,
+    from_pretrained,
+    grad_counts,
+    hook_count,
+    prepare_quietly,
+    standard_batch,
+    standard_step,
+    storage_state,
+)
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare  # noqa: E402
 
 CPU_2X8_REASON = (

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fixtures import N_LINEARS, from_pretrained, storage_by_base_name
 from torch import nn
 
-from _models import add_lora, checkpointing_on, grad_counts, hook_count, standard_batch, standard_step
+from _fixtures import (
+    N_LINEARS,
+    add_lora,
+    checkpointing_on,
+    from_pretrained,
+    grad_counts,
+    hook_count,
+    standard_batch,
+    standard_step,
+    storage_by_base_name,
+)
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 # 7.6.0, the gptqmodel release for torch 2.13 on CPU, requires transformers>=5.14

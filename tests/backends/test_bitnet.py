@@ -7,11 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import N_LINEARS, from_pretrained, storage_state, write_bitnet_checkpoint
 from torch import nn
 
 import kbitprep
-from _models import add_lora, checkpointing_on, grad_counts, standard_step
+from _fixtures import (
+    N_LINEARS,
+    add_lora,
+    checkpointing_on,
+    from_pretrained,
+    grad_counts,
+    standard_step,
+    storage_state,
+    write_bitnet_checkpoint,
+)
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 

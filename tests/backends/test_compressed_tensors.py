@@ -21,8 +21,18 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, grad_counts, load, param_bytes, standard_batch, standard_step, tiny_llama
-from backends._fixtures import N_LINEARS, decoder_linears, storage_by_base_name
+from _fixtures import (
+    N_LINEARS,
+    add_lora,
+    decoder_linears,
+    grad_counts,
+    load,
+    param_bytes,
+    standard_batch,
+    standard_step,
+    storage_by_base_name,
+    tiny_llama,
+)
 from kbitprep.testing import BackendConformanceTests
 
 pytest.importorskip("compressed_tensors")

@@ -16,20 +16,24 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
+
 from _fixtures import (
     N_LINEARS,
     N_PLAIN,
     UPCAST_IDS,
     UPCASTS,
     FakeEetqKernels,
+    add_lora,
     eetq_tiny,
+    grad_counts,
     kernel_inputs,
     prepare_quietly,
+    standard_batch,
+    standard_step,
     storage_state,
+    transformers_major,
 )
-from torch import nn
-
-from _models import add_lora, grad_counts, standard_batch, standard_step, transformers_major
 from kbitprep import detect_backend, get_backend, plan, prepare
 
 pytestmark = pytest.mark.skipif(
@@ -162,7 +166,7 @@ def test_eetq_real_kernel_on_cuda_trains_one_step(model_root: str, eetq_stub: No
     except Exception as exc:
         pytest.skip(f"the EETQ hub kernel kernels-community/quantization-eetq is not available here: {exc}")
 
-    from _models import saved_tiny
+    from _fixtures import saved_tiny
 
     model = AutoModelForCausalLM.from_pretrained(
         saved_tiny(model_root, "float16"), dtype=torch.float16, device_map="cuda", quantization_config=EetqConfig()

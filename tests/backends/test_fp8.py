@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kbitprep
-from _models import add_lora, standard_step, tiny_llama
-from backends._fixtures import decoder_linears, storage_state
+from _fixtures import add_lora, decoder_linears, standard_step, storage_state, tiny_llama
 
 pytest.importorskip("transformers.integrations.finegrained_fp8")
 

@@ -7,10 +7,22 @@ from typing import Any
 
 import pytest
 import torch
-from _fixtures import N_LINEARS, N_PLAIN, from_pretrained, kernel_inputs, storage_by_base_name
 from torch import nn
 
-from _models import add_lora, checkpointing_on, grad_counts, hook_count, standard_batch, standard_step, tiny_llama
+from _fixtures import (
+    N_LINEARS,
+    N_PLAIN,
+    add_lora,
+    checkpointing_on,
+    from_pretrained,
+    grad_counts,
+    hook_count,
+    kernel_inputs,
+    standard_batch,
+    standard_step,
+    storage_by_base_name,
+    tiny_llama,
+)
 from kbitprep import KbitPrepWarning, NotTrainableError, detect_backend, get_backend, plan, prepare
 
 log = logging.getLogger(__name__)
@@ -289,9 +301,7 @@ def test_toy_gptq_layer_gets_fp16_inputs_under_upcast_all() -> None:
 def test_gptq_quantized_on_cuda_trains_one_step(model_root: str, tmp_path: Any) -> None:
     """C05(a) on CUDA: quantize with gptqmodel on the GPU, reload, prepare, LoRA, one step."""
     pytest.importorskip("gptqmodel", reason="gptqmodel is not installed")
-    from _fixtures import quantize_gptq
-
-    from _models import saved_tiny
+    from _fixtures import quantize_gptq, saved_tiny
 
     qdir = quantize_gptq(saved_tiny(model_root, "float16"), str(tmp_path / "gptq-cuda"), device_map="cuda")
     from transformers import AutoModelForCausalLM

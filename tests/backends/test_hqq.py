@@ -10,20 +10,26 @@ from torch import nn
 
 pytest.importorskip("hqq", reason="hqq is not installed (pip install hqq)")
 
-from _fixtures import (  # noqa: E402
+from hqq.core.quantize import HQQLinear  # noqa: E402
+
+from _fixtures import (  # noqa: E402  # noqa: E402
+    ENABLE_ADDS_INPUT_GRAD_HOOK,
     N_LINEARS,
     N_PLAIN,
     UPCAST_IDS,
     UPCASTS,
+    add_lora,
     decoder_linears,
+    grad_counts,
+    hook_count,
     hqq_tiny,
     kernel_inputs,
     prepare_quietly,
+    standard_batch,
+    standard_step,
     storage_state,
+    tiny_llama,
 )
-from hqq.core.quantize import HQQLinear  # noqa: E402
-
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, add_lora, grad_counts, hook_count, standard_batch, standard_step, tiny_llama  # noqa: E402
 from kbitprep import KbitPrepWarning, detect_backend, get_backend, plan, prepare  # noqa: E402
 
 # 4 bits, group 64, packed two per byte: (out·in/64/2, 64) uint8, i.e. (out/2, in) when in == 64

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from _models import checkpointing_on
+from _fixtures import checkpointing_on
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 GPT_OSS: dict[str, Any] = dict(

@@ -8,10 +8,20 @@ from typing import Any
 
 import pytest
 import torch
-from _fixtures import N_LINEARS, N_PLAIN, from_pretrained, storage_state
 from torch import nn
 
-from _models import add_lora, grad_counts, saved_tiny, standard_batch, standard_step, tiny_llama
+from _fixtures import (
+    N_LINEARS,
+    N_PLAIN,
+    add_lora,
+    from_pretrained,
+    grad_counts,
+    saved_tiny,
+    standard_batch,
+    standard_step,
+    storage_state,
+    tiny_llama,
+)
 from kbitprep import KbitPrepWarning, detect_backend, get_backend, plan, prepare
 
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is not installed (pip install optimum-quanto==0.2.7)")

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK
-from cases._kinds import bnb4
+from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, bnb4
 
 TOKEN = 7
 

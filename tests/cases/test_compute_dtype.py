@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
-from cases._kinds import plan_compute_dtype
+from _fixtures import add_lora, bnb4_config, grad_counts, load, plan_compute_dtype, saved_tiny, standard_step
 from kbitprep._compute import spec_of
 
 pytest.importorskip("bitsandbytes")
@@ -69,7 +68,7 @@ def whisper(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
 def llava(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from _models import TINY
+    from _fixtures import TINY
 
     def build() -> nn.Module:
         vision = CLIPVisionConfig(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, standard_step, tiny_llama
+from _fixtures import add_lora, standard_step, tiny_llama
 
 GPT_OSS = dict(
     vocab_size=1000,

@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 import pytest
 
 import kbitprep
-from _models import checkpointing_on, hook_count, param_bytes
-from cases._kinds import CPU_KINDS, bnb4, model_state
+from _fixtures import CPU_KINDS, bnb4, checkpointing_on, hook_count, model_state, param_bytes
 
 
 def _prepare(fn: Any, model: Any, *args: Any, **options: Any) -> Any:

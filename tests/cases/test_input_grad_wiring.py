@@ -9,8 +9,17 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY, add_lora, grad_counts, hook_count, standard_step
-from cases._kinds import CPU_KINDS, bnb4, plain
+from _fixtures import (
+    CPU_KINDS,
+    ENABLE_ADDS_INPUT_GRAD_HOOK,
+    TINY,
+    add_lora,
+    bnb4,
+    grad_counts,
+    hook_count,
+    plain,
+    standard_step,
+)
 
 REENTRANT = {"use_reentrant": True}
 

@@ -8,8 +8,21 @@ import pytest
 import torch
 
 import kbitprep
-from _models import add_lora, checkpointing_on, grad_counts, hook_count, standard_batch, standard_step
-from cases._kinds import CPU_KINDS, bnb4, intx_config, model_state, need, torchao_direct, torchao_hf
+from _fixtures import (
+    CPU_KINDS,
+    add_lora,
+    bnb4,
+    checkpointing_on,
+    grad_counts,
+    hook_count,
+    intx_config,
+    model_state,
+    need,
+    standard_batch,
+    standard_step,
+    torchao_direct,
+    torchao_hf,
+)
 
 
 def _linear4bit(model: Any) -> list[Any]:

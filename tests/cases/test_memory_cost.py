@@ -9,8 +9,19 @@ import pytest
 import torch
 
 import kbitprep
-from _models import add_lora, grad_counts, load, param_bytes, saved_tiny, standard_batch, standard_step
-from cases._kinds import CPU_KINDS, NORM_NAMES, need, plan_dtype
+from _fixtures import (
+    CPU_KINDS,
+    NORM_NAMES,
+    add_lora,
+    grad_counts,
+    load,
+    need,
+    param_bytes,
+    plan_dtype,
+    saved_tiny,
+    standard_batch,
+    standard_step,
+)
 
 KEEP_EMBED_AND_HEAD = ("model.embed_tokens", "lm_head")
 
@@ -79,7 +90,7 @@ def test_4bit_embeddings_and_lm_head_dominate_the_upcast_cost(model_root: str) -
     (1000, 64), 128,000 → 256,000 bytes each; bytes_delta 256,640; the plan changes nothing.
     prepare then moves the parameters from 297,600 to 554,240 bytes = report.bytes_delta."""
     need("bitsandbytes")
-    from cases._kinds import bnb4
+    from _fixtures import bnb4
 
     model = bnb4(model_root)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
@@ -104,7 +115,7 @@ def test_keeping_embeddings_and_lm_head_low_costs_640_bytes_and_gives_bf16_logit
     bytes_delta 640; both matrices stay bf16, the logits are bf16, and the standard LoRA step
     gives a finite loss with 8 LoRA grads, 4 lora_B non-zero."""
     need("bitsandbytes")
-    from cases._kinds import bnb4
+    from _fixtures import bnb4
 
     model = bnb4(model_root)
     report = kbitprep.prepare(model, keep_in_low_precision=KEEP_EMBED_AND_HEAD)
@@ -127,7 +138,7 @@ def test_large_4bit_model_upcast_cost_is_almost_all_vocabulary_matrices(tmp_path
     upcast adds 65,553,408 bytes; keeping embed_tokens and lm_head low leaves 17 casts (the
     norms) and 17,408 bytes."""
     need("bitsandbytes")
-    from _models import bnb4_config, tiny_llama
+    from _fixtures import bnb4_config, tiny_llama
 
     path = tmp_path / "large"
     tiny_llama(  # type: ignore[operator]

@@ -12,9 +12,19 @@ import torch
 from torch import nn
 
 import kbitprep
+from _fixtures import (
+    CPU_KINDS,
+    NORM_NAMES,
+    PLAIN_NAMES,
+    add_lora,
+    bnb4,
+    grad_counts,
+    plan_compute_dtype,
+    quantized_tensors,
+    standard_batch,
+    standard_step,
+)
 from kbitprep._compute import spec_of
-from _models import add_lora, grad_counts, standard_batch, standard_step
-from cases._kinds import CPU_KINDS, NORM_NAMES, PLAIN_NAMES, bnb4, plan_compute_dtype, plan_dtype, quantized_tensors
 
 
 def norm_only(name: str, param: nn.Parameter, module: nn.Module) -> bool:

@@ -9,12 +9,15 @@ import torch
 from torch import nn
 
 import kbitprep
-from _models import add_lora, grad_counts, param_bytes, standard_step
-from cases._kinds import (
+from _fixtures import (
     CPU_KINDS,
     PLAIN_NAMES,
+    add_lora,
     bnb4_bf16_storage,
+    grad_counts,
+    param_bytes,
     quantized_tensors,
+    standard_step,
     storage_record,
     torchao_direct,
     torchao_direct_intx,
@@ -154,7 +157,7 @@ def test_any_parameter_subclass_is_storage_and_counted_by_inner_tensors(backend:
     """C07 whole kind: a parameter whose type is not exactly Parameter is treated as quantized
     storage by every strategy (never cast, never unfrozen), even under upcast="all"; bytes
     reported for torchao subclasses come from their inner tensors, not numel x element_size."""
-    from cases._kinds import need
+    from _fixtures import need
 
     if backend in ("bitsandbytes", "torchao"):
         need(backend)
