@@ -152,3 +152,34 @@ def test_quantizer_not_trainable(entry: str, model_root: str) -> None:
     assert "is_trainable is False" in message and "NotTrainableQuantizer" in message
     assert "Load the model with a quantization config that supports training" in message
     assert _state(model) == before
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    ("policy", "match", "cause"),
+    [
+        (lambda n, p, m: "no", r"returned 'no' \(str\) for parameter 'model.embed_tokens.weight'", None),
+        (lambda n, p, m: 1 / 0, r"raised ZeroDivisionError: division by zero for parameter", ZeroDivisionError),
+    ],
+    ids=["returns-a-string", "raises"],
+)
+def test_a_bad_upcast_callable_is_refused_and_nothing_changes(
+    entry: str, policy: Callable[..., object], match: str, cause: type[BaseException] | None
+) -> None:
+    """A callable upcast must answer True or False: "no" would read as True and cast everything,
+    and its own exception would surface bare. Both are an InvalidArgumentError naming the first
+    parameter asked about, raised while planning, so the model is unchanged."""
+    model = tiny_llama(torch.bfloat16)
+    before = _state(model)
+    with pytest.raises(InvalidArgumentError, match=match) as info:
+        ENTRY_POINTS[entry](model, upcast=policy)
+    assert type(info.value.__cause__) is cause if cause else info.value.__cause__ is None
+    assert _state(model) == before
+
+
+def test_an_upcast_callable_may_answer_with_a_bool_tensor() -> None:
+    """``p.dtype == torch.bfloat16`` is a bool, ``p.abs().sum() > 0`` a 0-d bool tensor: both are answers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kbitprep.KbitPrepWarning)
+        p = kbitprep.plan(tiny_llama(torch.bfloat16), upcast=lambda n, p, m: p.abs().sum() > 0)
+    assert len(p.casts) == 21

@@ -123,6 +123,12 @@ class _ComputeAt(nn.Module):
             out = self._generic_at(spec, *args, **kwargs)
         return out if spec.output is None else _cast(out, spec.output)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle as the original class, then put the rule back on load: the class made by
+        :func:`_subclass` cannot be found by name, so ``torch.save(model)`` and ``pickle`` would
+        refuse it."""
+        return _rebuild, (getattr(type(self), _ORIGINAL),), self.__dict__.copy()
+
     def _linear_at(self, spec: ComputeSpec, x: torch.Tensor) -> torch.Tensor:
         linear: Any = self
         weight: torch.Tensor = linear.weight
@@ -182,9 +188,18 @@ def _subclass(cls: type) -> type:
     sub = _SUBCLASSES.get(cls)
     if sub is None:
         methods = {k: v for k, v in vars(_ComputeAt).items() if callable(v) and not k.startswith("__")}
+        methods["__reduce_ex__"] = _ComputeAt.__reduce_ex__
         attrs = {**methods, _ORIGINAL: cls, "__module__": cls.__module__, "__doc__": cls.__doc__}
         sub = _SUBCLASSES[cls] = type(cls.__name__, (cls,), attrs)
     return sub
+
+
+def _rebuild(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``cls`` with the compute-dtype rule's class (unpickling; the state,
+    the rule's spec included, is set afterwards by ``nn.Module.__setstate__``)."""
+    module = cls.__new__(cls)
+    object.__setattr__(module, "__class__", _subclass(cls))
+    return module
 
 
 def _install(module: nn.Module, spec: ComputeSpec | None, log: UndoLog) -> None:
@@ -222,8 +237,9 @@ class _Adopt:
 
     _kbitprep_hook = "adopt"
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, log: UndoLog) -> None:
         self.dtype = dtype
+        self.log = log  # each adoption is recorded, so ``undo`` reverts it with the rest
 
     def __call__(self, model: nn.Module, args: Any) -> None:
         for name, module in model.named_modules():
@@ -234,17 +250,20 @@ class _Adopt:
                 continue
             if torch.finfo(weight.dtype).bits < torch.finfo(self.dtype).bits:
                 upcast = tuple(n for n, q in module._parameters.items() if q is not None and q.dtype != self.dtype)
-                module.__dict__[_SPEC] = ComputeSpec(name, self.dtype, upcast, None)
-                module.__class__ = _subclass(type(module))
+                _install(module, ComputeSpec(name, self.dtype, upcast, None), self.log)
 
 
 def _install_adopt(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, _Adopt):
-            del model._forward_pre_hooks[key]
-            log.add(functools.partial(model._forward_pre_hooks.__setitem__, key, hook))
+    """One adoption hook per model: an earlier ``prepare``'s hook is taken off wherever it is
+    (on the base model when this call gets the ``PeftModel`` around it), then this plan's added."""
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, _Adopt):
+                del hooks[key]
+                log.add(functools.partial(hooks.__setitem__, key, hook))
     if p.precision and p.compute_dtype is not None:
-        handle = model.register_forward_pre_hook(_Adopt(_dtype(p.compute_dtype)))
+        handle = model.register_forward_pre_hook(_Adopt(_dtype(p.compute_dtype), log))
         log.add(handle.remove)
 
 

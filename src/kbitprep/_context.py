@@ -43,6 +43,15 @@ class ParamEntry:
         p = self.param
         return not self.storage and not self.adapter and p.is_floating_point() and not is_storage_dtype(p.dtype)
 
+    @property
+    def castable(self) -> bool:
+        """A floating parameter that is not storage, base or adapter: what the upcast policy and
+        the compute dtype apply to. An adapter already attached (a ``modules_to_save`` copy, LoRA
+        weights) is cast as peft 0.21 casts it, so it never computes in another dtype than the
+        base it copies and never trains below the upcast dtype; keep patterns never hold it low."""
+        p = self.param
+        return not self.storage and p.is_floating_point() and not is_storage_dtype(p.dtype)
+
 
 @dataclass(frozen=True, slots=True)
 class Context:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from kbitprep._context import Context, ParamEntry, Step, matches, nbytes_as
+from kbitprep._errors import InvalidArgumentError
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, UndoLog
 from kbitprep.backends.base import is_storage_dtype, tensor_nbytes
 
@@ -52,8 +53,35 @@ def _target(ctx: Context, e: ParamEntry) -> torch.dtype | None:
     elif opts.upcast in ("all", "none"):
         wanted_cast = opts.upcast == "all"
     else:
-        wanted_cast = bool(opts.upcast(name, p, e.module))
+        wanted_cast = _ask_policy(opts.upcast, name, p, e.module)
     return opts.upcast_dtype if wanted_cast and p.dtype != opts.upcast_dtype else None
+
+
+def _ask_policy(policy: Callable[[str, nn.Parameter, nn.Module], object], name: str, p: nn.Parameter, m: nn.Module) -> bool:
+    """The answer of a callable ``upcast`` for one parameter: ``True`` or ``False`` (a 0-d bool
+    tensor counts), asked while planning, so a bad policy changes nothing.
+
+    Raises:
+        InvalidArgumentError: The callable raised, or returned something else than a bool
+            (``"no"`` would otherwise read as True and cast everything).
+    """
+    where = f"for parameter {name!r} ({p.dtype}, shape {tuple(p.shape)})"
+    try:
+        answer = policy(name, p, m)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"The upcast callable raised {type(exc).__name__}: {exc} {where}. It is called as "
+            "upcast(name, param, module) for every floating parameter that is not quantized storage and must "
+            "return True (cast) or False; nothing was changed."
+        ) from exc
+    if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+        return bool(answer)
+    if not isinstance(answer, bool):
+        raise InvalidArgumentError(
+            f"The upcast callable returned {answer!r} ({type(answer).__name__}) {where}; it must return True "
+            "(cast) or False. Nothing was changed."
+        )
+    return answer
 
 
 def plan_casts(ctx: Context) -> Step:
@@ -62,9 +90,9 @@ def plan_casts(ctx: Context) -> Step:
     casts: list[CastItem] = []
     matched: set[str] = set()
     for e in ctx.inventory:
-        if not e.plain_float:
+        if not e.castable:
             continue
-        hits = [k for k in ctx.options.keep if matches(k, e.names)]
+        hits = [] if e.adapter else [k for k in ctx.options.keep if matches(k, e.names)]
         matched.update(hits)
         to = None if hits else _target(ctx, e)
         if to is not None:
@@ -120,7 +148,7 @@ def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[str]
 
 def _final_dtypes(ctx: Context, casts: tuple[CastItem, ...]) -> dict[int, torch.dtype]:
     to = {c.name: _dtype(c.to_dtype) for c in casts}
-    return {id(e.param): to.get(e.names[0], e.param.dtype) for e in ctx.inventory if e.plain_float}
+    return {id(e.param): to.get(e.names[0], e.param.dtype) for e in ctx.inventory if e.castable}
 
 
 def _model_compute_dtype(ctx: Context, casts: tuple[CastItem, ...]) -> torch.dtype | None:
@@ -141,7 +169,7 @@ def _own_plain(ctx: Context) -> dict[int, list[tuple[str, ParamEntry]]]:
     modules = dict(ctx.model.named_modules(remove_duplicate=False))
     out: dict[int, list[tuple[str, ParamEntry]]] = {}
     for e in ctx.inventory:
-        if not e.plain_float:
+        if not e.castable:
             continue
         for name in e.names:  # a tied parameter belongs to every module that holds it
             owner, _dot, leaf = name.rpartition(".")

@@ -346,3 +346,75 @@ def test_weight_tying_with_modules_to_save_keeps_one_compute_dtype(model_root: s
         out = peft_model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.float32
     out.loss.backward()
+
+
+@pytest.mark.parametrize("options", [{}, {"keep_in_low_precision": ("lm_head", "embed_tokens")}, {"upcast": "none"}])
+def test_modules_to_save_attached_before_prepare_follows_the_policy_and_trains(
+    model_root: str, options: dict[str, Any]
+) -> None:
+    """peft first, then prepare (the unusual order): the trainable modules_to_save copy of lm_head
+    is cast by the policy like the module it copies (peft 0.21 casts every fp16/bf16 parameter),
+    never held low by a keep pattern, and the step runs (no 'expected m1 and m2 to have the same
+    dtype'), with a gradient for every LoRA tensor and the copy."""
+    from peft import LoraConfig, get_peft_model
+
+    model = llama(model_root)  # bf16 storage, bf16 compute
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    copy_name = "base_model.model.lm_head.modules_to_save.default.weight"
+    report = _prepare(peft_model, **options)
+    head = dict(peft_model.named_parameters())[copy_name]
+    assert head.requires_grad
+    assert head.dtype == (torch.bfloat16 if options.get("upcast") == "none" else torch.float32)
+    assert (copy_name in {c.name for c in report.casts}) == (options.get("upcast") != "none")
+    _loss, grads = standard_step(peft_model)
+    assert grad_counts(grads)[:2] == (8, 8)
+    assert head.grad is not None and bool(head.grad.abs().sum() > 0)
+
+
+def test_a_second_prepare_on_the_peft_model_leaves_one_adoption_hook_and_trains(model_root: str) -> None:
+    """prepare (keep patterns) -> get_peft_model(modules_to_save) -> prepare again on the PeftModel:
+    exactly one adoption hook in the whole model, the copy computes in one dtype, the step runs."""
+    from peft import LoraConfig, get_peft_model
+
+    from kbitprep._compute import _Adopt
+
+    keep = {"keep_in_low_precision": ("lm_head", "embed_tokens")}
+    model = llama(model_root)
+    _prepare(model, **keep)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg)
+    _prepare(peft_model, **keep)
+    adopters = [h for m in peft_model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, _Adopt)]
+    assert len(adopters) == 1
+    _loss, grads = standard_step(peft_model)
+    assert grad_counts(grads)[:2] == (8, 8)
+
+
+def test_modules_adopted_after_prepare_are_reverted_by_undo(model_root: str) -> None:
+    """A bf16 nn.Linear added after prepare (compute dtype fp32, lm_head kept bf16) adopts the
+    rule at the next forward; undo() takes it off again: the module is a plain nn.Linear and
+    returns bf16 for bf16 input, as before prepare."""
+    model = llama(model_root, torch.float32)
+    report = _prepare(model, keep_in_low_precision=("lm_head",))
+    model.extra = nn.Linear(64, 64, dtype=torch.bfloat16)
+    model(_ids(1, 4))
+    assert spec_of(model.extra) is not None and type(model.extra) is not nn.Linear
+    report.undo()
+    assert type(model.extra) is nn.Linear and spec_of(model.extra) is None
+    assert model.extra(torch.ones(1, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_module_with_the_rule_pickles_and_keeps_it(model_root: str) -> None:
+    """torch.save / pickle of a module carrying the compute-dtype rule: it loads back with the
+    rule (same spec, computes fp32 from its bf16 weight) and the same output, bit for bit."""
+    import io
+
+    model, _report = _kept(model_root)
+    buffer = io.BytesIO()
+    torch.save(model.lm_head, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert spec_of(loaded) == spec_of(model.lm_head) and loaded.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 64)
+    assert loaded(x).dtype == torch.float32 and torch.equal(loaded(x), model.lm_head(x))
