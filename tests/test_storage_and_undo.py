@@ -384,3 +384,34 @@ def _use_reentrant_flags(model: nn.Module) -> set[Any]:
         for m in model.modules()
         if getattr(m, "gradient_checkpointing", False) is True
     }
+
+
+def test_a_prepared_model_pickles_whole_and_its_loaded_report_refuses_to_undo() -> None:
+    """torch.save(model) after prepare_model_for_kbit_training (a kept-low lm_head with its
+    compute-dtype rule, the report on the model): it loads back, computes as before bit for bit,
+    keeps the rule, and the loaded report's undo() raises InvalidModelError instead of silently
+    doing nothing; the live report still undoes. (With checkpointing on, transformers 5.24's own
+    input-grad hook is a local function, so such a model does not pickle, with or without kbitprep.)"""
+    import io
+
+    from _fixtures import tiny_llama
+    from kbitprep import InvalidModelError
+    from kbitprep._compute import spec_of
+
+    model = tiny_llama(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kbitprep.KbitPrepWarning)
+        kbitprep.prepare_model_for_kbit_training(model, keep_in_low_precision=("lm_head",))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert spec_of(loaded.lm_head) == spec_of(model.lm_head) and loaded.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(1, 999, (1, 6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    loaded.eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(InvalidModelError, match="loaded back from a pickle"):
+        loaded._kbitprep_report.undo()
+    model._kbitprep_report.undo()
+    assert spec_of(model.lm_head) is None and model.lm_head.weight.dtype == torch.bfloat16

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import logging
 import sys
-import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +71,33 @@ class _GuardState:
     absorbed_enable: int = 0  # enable calls answered without touching the model
     absorbed_input_grads: int = 0  # enable_input_require_grads calls that added nothing
     conflicts: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the undo log (its entries close over the live model): a model loaded
+        back keeps its guards, and what they absorb later is not recorded for an undo."""
+        return {**self.__dict__, "log_add": _unlogged}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _GuardState:
+        new = object.__new__(_GuardState)
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def _unlogged(_undo: Callable[[], None]) -> None:
+    """The undo log of a guard loaded back from a pickle: nothing to record into."""
+
+
+class _Guard:
+    """One guard method bound to its model, set as an instance attribute in place of the
+    transformers method. A bound method of a module-level function would not pickle (pickle looks
+    the function up on the model by name); this holds the function and the model."""
+
+    def __init__(self, func: Callable[..., Any], model: nn.Module) -> None:
+        self.func = func
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(self.model, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -230,15 +257,15 @@ def guard_checkpointing(
     state = _GuardState(enable_name, _normalise(prepared_kwargs), log_add)
     setattr(model, _STATE, state)
     installed = [enable_name]
-    setattr(model, enable_name, types.MethodType(_guarded_enable, model))
+    setattr(model, enable_name, _Guard(_guarded_enable, model))
     if hasattr(type(model), "enable_input_require_grads"):
-        model.enable_input_require_grads = types.MethodType(_guarded_input_grads, model)  # type: ignore[assignment]
+        setattr(model, "enable_input_require_grads", _Guard(_guarded_input_grads, model))  # noqa: B010
         installed.append("enable_input_require_grads")
 
     def remove() -> None:
         for name in installed:
             value = vars(model).get(name)
-            if isinstance(value, types.MethodType) and value.__func__ in (_guarded_enable, _guarded_input_grads):
+            if isinstance(value, _Guard) and value.func in (_guarded_enable, _guarded_input_grads):
                 delattr(model, name)
         vars(model).pop(_STATE, None)
 

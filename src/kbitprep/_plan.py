@@ -3,6 +3,7 @@ was done, with ``undo``), and the undo log behind it."""
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -188,8 +189,32 @@ class UndoLog:
         """Record how to revert one change."""
         self._entries.append(fn)
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled empty and marked: its entries close over the live model, so a report loaded
+        back from a pickle (``torch.save(model)`` after ``prepare_model_for_kbit_training``)
+        cannot undo, and :meth:`undo` says so."""
+        return {"_entries": [], "_stack": None, "_unpickled": True}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> UndoLog:
+        new = UndoLog.__new__(UndoLog)
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def undo(self) -> None:
-        """Revert this log (after every later log on the same model)."""
+        """Revert this log (after every later log on the same model).
+
+        Raises:
+            InvalidModelError: The log was loaded back from a pickle; only the report
+                ``prepare`` returned for the live model can undo it.
+        """
+        if self.__dict__.get("_unpickled"):
+            from kbitprep._errors import InvalidModelError
+
+            raise InvalidModelError(
+                "This report was loaded back from a pickle, which cannot carry how to undo the changes to the "
+                "model it came from. Call undo() on the report prepare() returned, in the process that prepared "
+                "the model, or load the model as it was before prepare."
+            )
         stack = self._stack
         if stack is not None and self in stack:
             while stack and stack[-1] is not self:
