@@ -177,15 +177,9 @@ def import_seconds(module: str) -> float:
 
 
 def param_bytes(model: Any) -> int:
-    from kbitprep.backends.base import tensor_nbytes
+    from kbitprep.backends.base import model_param_bytes
 
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += tensor_nbytes(p)
-    return total
+    return model_param_bytes(model)
 
 
 def rss() -> int:

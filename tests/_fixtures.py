@@ -24,6 +24,8 @@ import torch
 import transformers
 from torch import nn
 
+from kbitprep.backends.base import model_param_bytes as param_bytes  # noqa: F401  (re-exported for the tests)
+
 # -- from _models.py -----------------------------------------------------------
 
 # transformers 5.24 _activation_checkpointing_enable calls enable_input_require_grads for a model
@@ -123,19 +125,6 @@ def grad_counts(grads: dict[str, torch.Tensor | None]) -> tuple[int, int, int]:
     with_grad = sum(1 for g in grads.values() if g is not None)
     nonzero_b = sum(1 for n, g in grads.items() if "lora_B" in n and g is not None and bool(g.abs().sum() > 0))
     return len(grads), with_grad, nonzero_b
-
-
-def param_bytes(model: nn.Module) -> int:
-    from kbitprep.backends.base import tensor_nbytes
-
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += tensor_nbytes(p)
-    return total
 
 
 def storage_digest(model: nn.Module, backend: Any) -> dict[str, str]:

@@ -70,7 +70,7 @@ except ImportError as exc:  # pragma: no cover - only reached outside a test run
 from kbitprep._errors import InvalidArgumentError, KbitPrepWarning, NotTrainableError
 from kbitprep._prepare import PreparationPlan, plan, prepare
 from kbitprep._registry import available_backends, detect_backend, get_backend
-from kbitprep.backends.base import QuantBackend, tensor_nbytes
+from kbitprep.backends.base import QuantBackend, model_param_bytes
 
 __all__ = [
     "BackendConformanceTests",
@@ -220,16 +220,6 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         elif b != a:
             out.append(f"{key}: {b!r} -> {a!r}")
     return out
-
-
-def _param_bytes(model: nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += tensor_nbytes(p)
-    return total
 
 
 def _always(name: str, param: nn.Parameter, module: nn.Module) -> bool:
@@ -536,12 +526,12 @@ class PlanApplyTests(ConformanceBase):
         changed = _diff(state, _state(model))
         assert not changed, "plan() changed the model: " + "; ".join(changed[:5])
 
-        bytes_before = _param_bytes(model)
+        bytes_before = model_param_bytes(model)
         report, emitted = self._prepare(model)
         assert report.to_dict() == p.to_dict(), "the report differs from the plan made just before"
         assert tuple(emitted) == p.warnings, f"warnings emitted {emitted} differ from plan.warnings {p.warnings}"
-        assert _param_bytes(model) - bytes_before == p.bytes_delta, (
-            f"bytes_delta {p.bytes_delta:+,} differs from the measured change {_param_bytes(model) - bytes_before:+,}"
+        assert model_param_bytes(model) - bytes_before == p.bytes_delta, (
+            f"bytes_delta {p.bytes_delta:+,} differs from the measured change {model_param_bytes(model) - bytes_before:+,}"
         )
         self._assert_casts_as_planned(model, p, dtypes)
         trainable = [n for n, q in model.named_parameters() if q.requires_grad and n not in p.kept_trainable]

@@ -27,6 +27,7 @@ __all__ = [
     "layer_counter",
     "legacy_quant_method",
     "loaded_module",
+    "model_param_bytes",
     "modules_of_type",
     "tensor_nbytes",
 ]
@@ -372,6 +373,12 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
         except Exception:  # a subclass whose flatten misbehaves: fall back to the outer view
             pass
     return tensor.numel() * tensor.element_size()
+
+
+def model_param_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters, each tensor once (tied weights counted once), by
+    :func:`tensor_nbytes` (the real storage of quantized subclasses)."""
+    return sum(tensor_nbytes(p) for p in model.parameters())  # parameters() yields each tensor once
 
 
 def _method_name(value: Any) -> str | None:

@@ -8,20 +8,9 @@ import sys
 import torch
 from torch import nn
 
-from kbitprep.backends.base import tensor_nbytes
+from kbitprep.backends.base import model_param_bytes as param_bytes
 
 __all__ = ["lora_gradient_check", "mean_loss", "param_bytes", "peak_rss_bytes"]
-
-
-def param_bytes(model: nn.Module) -> int:
-    """Parameter storage in bytes, each tensor once (real storage for quantized subclasses)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += tensor_nbytes(p)
-    return total
 
 
 def peak_rss_bytes() -> int:
