@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import importlib.util
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
@@ -20,6 +21,7 @@ __all__ = [
     "config_quant_method",
     "count_reason",
     "detect_in_tiers",
+    "dominant_float_dtype",
     "find_storage",
     "is_storage_dtype",
     "is_storage_tensor",
@@ -373,6 +375,20 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
         except Exception:  # a subclass whose flatten misbehaves: fall back to the outer view
             pass
     return tensor.numel() * tensor.element_size()
+
+
+def dominant_float_dtype(
+    model: nn.Module, is_storage: Callable[[str, nn.Parameter, nn.Module], bool]
+) -> torch.dtype | None:
+    """The floating dtype holding most bytes of ``model``'s parameters that are not storage by
+    ``is_storage(name, param, owner)`` (the dtype the model was loaded in); ``None`` without any."""
+    modules = dict(model.named_modules())
+    by_bytes: Counter[torch.dtype] = Counter()
+    for name, param in model.named_parameters():
+        owner = modules.get(name.rpartition(".")[0], model)
+        if param.is_floating_point() and not is_storage(name, param, owner):
+            by_bytes[param.dtype] += tensor_nbytes(param)
+    return by_bytes.most_common(1)[0][0] if by_bytes else None
 
 
 def model_param_bytes(model: nn.Module) -> int:

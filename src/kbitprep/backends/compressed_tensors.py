@@ -28,7 +28,6 @@ forward pre-hook on the model (``ModelCompressor.add_decompress_hook``, handle k
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -42,6 +41,7 @@ from kbitprep.backends.base import (
     UndoFn,
     count_reason,
     detect_in_tiers,
+    dominant_float_dtype,
     is_storage_dtype,
     loaded_module,
     tensor_nbytes,
@@ -326,13 +326,7 @@ class CompressedTensorsBackend(QuantBackend):
         dtype it was loaded in); ``None`` without compressed-tensors layers."""
         if not _layers(model):
             return None
-        modules = dict(model.named_modules())
-        by_bytes: Counter[torch.dtype] = Counter()
-        for name, param in model.named_parameters():
-            owner = modules.get(name.rpartition(".")[0], model)
-            if param.is_floating_point() and not self.is_quantized_param(name, param, owner):
-                by_bytes[param.dtype] += tensor_nbytes(param)
-        return by_bytes.most_common(1)[0][0] if by_bytes else None
+        return dominant_float_dtype(model, self.is_quantized_param)
 
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:
         """The dtype of a compressed or decompressed layer's dense weight, which its input must

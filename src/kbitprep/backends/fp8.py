@@ -34,8 +34,8 @@ from kbitprep.backends.base import (
     QuantBackend,
     count_reason,
     detect_in_tiers,
+    dominant_float_dtype,
     loaded_module,
-    tensor_nbytes,
 )
 
 __all__ = ["Fp8Backend"]
@@ -149,13 +149,7 @@ class Fp8Backend(QuantBackend):
         it was loaded in, bf16 for every FP8 checkpoint transformers 5.24 loads): ``FP8Linear``
         returns its input's dtype (``fp8_linear`` ``output_dtype`` defaults to ``input.dtype``).
         Never a float8 dtype; ``None`` when the model has no such parameter."""
-        modules = dict(model.named_modules())
-        by_bytes: Counter[torch.dtype] = Counter()
-        for name, param in model.named_parameters():
-            owner = modules.get(name.rpartition(".")[0], model)
-            if param.is_floating_point() and not self.is_quantized_param(name, param, owner):
-                by_bytes[param.dtype] += tensor_nbytes(param)
-        return by_bytes.most_common(1)[0][0] if by_bytes else None
+        return dominant_float_dtype(model, self.is_quantized_param)
 
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:
         """``None`` for every layer: ``FP8Linear`` quantizes (or, in its reference path,
