@@ -90,3 +90,20 @@ def test_reports_undone_out_of_order_still_restore_the_model(model_root: str) ->
         p = dict(model.named_parameters())[name]
         assert (p.dtype, p.requires_grad) == (dtype, rg), name
         assert torch.equal(p.detach(), value), name
+
+
+def test_keeping_low_what_an_earlier_prepare_upcast_says_it_cannot(model_root: str) -> None:
+    """prepare() upcasts lm_head to fp32 (peft's policy); a second call asking to keep it low
+    changes nothing (kbitprep never casts down) and says so in a warning naming the pattern and
+    the way out, instead of silently leaving it fp32. After undo() the same request keeps it bf16."""
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    report = _quiet_prepare(model)
+    assert model.lm_head.weight.dtype == torch.float32
+    p = kbitprep.plan(model, keep_in_low_precision=("lm_head",))
+    assert p.casts == ()
+    (note,) = [w for w in p.warnings if "'lm_head'" in w]
+    assert "already in torch.float32" in note and "report.undo()" in note
+    report.undo()
+    p = kbitprep.plan(model, keep_in_low_precision=("lm_head",))
+    assert "lm_head.weight" not in {c.name for c in p.casts}
+    assert not any("'lm_head'" in w for w in p.warnings)

@@ -89,11 +89,14 @@ def plan_casts(ctx: Context) -> Step:
     step = Step()
     casts: list[CastItem] = []
     matched: set[str] = set()
+    lowered: set[str] = set()  # patterns that hold at least one parameter below the upcast dtype
     for e in ctx.inventory:
         if not e.castable:
             continue
         hits = [] if e.adapter else [k for k in ctx.options.keep if matches(k, e.names)]
         matched.update(hits)
+        if _bits(e.param.dtype) < _bits(ctx.options.upcast_dtype):
+            lowered.update(hits)
         to = None if hits else _target(ctx, e)
         if to is not None:
             p = e.param
@@ -112,6 +115,13 @@ def plan_casts(ctx: Context) -> Step:
             step.warnings.append(
                 f"keep_in_low_precision pattern {pattern!r} matches no parameter; check the name against "
                 "model.named_parameters() (exact name, dotted suffix such as 'lm_head', or a glob)."
+            )
+        elif pattern not in lowered:
+            step.warnings.append(
+                f"keep_in_low_precision pattern {pattern!r} matches only parameters already in "
+                f"{ctx.options.upcast_dtype} or wider (an earlier prepare may have upcast them); kbitprep never "
+                "casts down, so they stay as they are. Undo the earlier preparation (report.undo()) first to keep "
+                "them low."
             )
     delta = sum(c.bytes_after - c.bytes_before for c in casts)
     step.warnings.extend(_cast_warnings(ctx, casts, delta))
