@@ -305,6 +305,25 @@ def measure_prepare(source: Any, repeats: int, names: tuple[str, ...]) -> dict[s
 # -- the models ----------------------------------------------------------------------------------
 
 
+def prepare_rows(res: dict[str, dict[str, Any]], timed: str, sized: str) -> list[Row]:
+    """Prepare time (target <= 1.0x peft), parameter bytes after and peak RSS during prepare."""
+    return [
+        Row(
+            f"prepare time, {timed}", median(res["kbitprep"]["seconds"]), median(res["peft"]["seconds"]), "s", "<= 1.0"
+        ),
+        Row(
+            f"param bytes after prepare, {sized}",
+            res["kbitprep"]["bytes"],
+            res["peft"]["bytes"],
+            "bytes",
+            note="same policy as peft",
+        ),
+        Row(
+            f"peak RSS in prepare - after, {sized}", median(res["kbitprep"]["rss"]), median(res["peft"]["rss"]), "bytes"
+        ),
+    ]
+
+
 def smollm2_shaped_bf16() -> Any:
     """134.5 M parameters with SmolLM2-135M's shape, random init, bf16, flagged 4-bit by hand."""
     import torch
@@ -537,69 +556,20 @@ def part_prepare(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dict
     info["prepare_134.5M_bf16"] = res
     del synth
     _trim_heap()
-    rows.append(
-        Row(
-            "prepare time, 134.5M bf16 flagged 4-bit",
-            median(res["kbitprep"]["seconds"]),
-            median(res["peft"]["seconds"]),
-            "s",
-            "<= 1.0",
-        )
-    )
-    rows.append(
-        Row(
-            "param bytes after prepare, 134.5M bf16",
-            res["kbitprep"]["bytes"],
-            res["peft"]["bytes"],
-            "bytes",
-            note="same policy as peft",
-        )
-    )
-    rows.append(
-        Row(
-            "peak RSS in prepare - after, 134.5M bf16",
-            median(res["kbitprep"]["rss"]),
-            median(res["peft"]["rss"]),
-            "bytes",
-        )
-    )
+    rows += prepare_rows(res, "134.5M bf16 flagged 4-bit", "134.5M bf16")
 
     print("SmolLM2-135M-Instruct nf4: prepare ...", flush=True)
     res = measure_prepare(nf4, args.repeats, ("kbitprep", "peft", "keep"))
     info["prepare_nf4"] = res
-    rows.append(
-        Row(
-            "prepare time, SmolLM2 nf4",
-            median(res["kbitprep"]["seconds"]),
-            median(res["peft"]["seconds"]),
-            "s",
-            "<= 1.0",
-        )
-    )
-    rows.append(
+    rows += prepare_rows(res, "SmolLM2 nf4", "SmolLM2 nf4")
+    rows.insert(
+        len(rows) - 2,
         Row(
             "prepare time, SmolLM2 nf4, keep lm_head+embed",
             median(res["keep"]["seconds"]),
             median(res["peft"]["seconds"]),
             "s",
-        )
-    )
-    rows.append(
-        Row(
-            "param bytes after prepare, SmolLM2 nf4",
-            res["kbitprep"]["bytes"],
-            res["peft"]["bytes"],
-            "bytes",
-            note="same policy as peft",
-        )
-    )
-    rows.append(
-        Row(
-            "peak RSS in prepare - after, SmolLM2 nf4",
-            median(res["kbitprep"]["rss"]),
-            median(res["peft"]["rss"]),
-            "bytes",
-        )
+        ),
     )
 
 
@@ -864,7 +834,7 @@ def fmt(value: float, unit: str) -> str:
         return f"{value * 1000:,.1f} ms" if value < 1 else f"{value:,.2f} s"
     if unit == "count":
         return f"{value:,.0f}"
-    return f"{value:.6f}"
+    return repr(value) if unit == "loss" else f"{value:.6f}"
 
 
 def print_table(rows: list[Row], title: str) -> None:

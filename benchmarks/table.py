@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def fmt(value: float, unit: str) -> str:
-    if unit == "bytes":
-        return f"{value / 1e6:,.2f} MB"
-    if unit == "s":
-        return f"{value * 1000:,.1f} ms" if value < 1 else f"{value:,.2f} s"
-    if unit == "count":
-        return f"{value:,.0f}"
-    return repr(value) if unit == "loss" else f"{value:.4f}"
+from run import fmt  # noqa: E402  (one formatter for the console table and this one)
 
 
 def result(row: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step, transformers_major
+from _fixtures import TINY, add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step, transformers_major
 
 pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
 
@@ -37,12 +37,7 @@ fused_experts = pytest.mark.skipif(
 )
 
 MOE: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    vocab_size=1000,
+    TINY,
     num_local_experts=4,
     num_experts_per_tok=2,
 )
