@@ -16,6 +16,7 @@ from kbitprep import _checkpointing as ckpt
 from kbitprep import _hf
 from kbitprep._context import Context, Step
 from kbitprep._errors import InvalidArgumentError
+from kbitprep._options import Options
 from kbitprep._plan import PreparationPlan, UndoLog
 
 __all__ = ["apply_checkpointing", "plan_checkpointing"]
@@ -100,18 +101,39 @@ def _offload(ctx: Context, gc: bool, step: Step) -> bool:
 
 
 def _blocks(ctx: Context, gc: bool) -> tuple[int, int] | None:
+    """(blocks checkpointed at a training forward of the model as it stands now, blocks).
+
+    The every-block layout checkpoints them all. The selective layouts (every n-th block, or
+    trainable blocks only) apply the frozen-prefix rule (:class:`kbitprep._hf._FrozenPrefix`):
+    the blocks before the first one that a backward reaches build no graph and are not
+    checkpointed; from it on, every block of the layout is."""
     blocks = _hf.checkpoint_blocks(ctx.base)
     if not gc or not blocks:
         return None
     every = ctx.options.checkpoint_every_n_layers
-    chosen = [b for i, b in enumerate(blocks) if i % every == 0]
-    if ctx.options.checkpoint_trainable_blocks_only:
-        chosen = [b for b in chosen if any(p.requires_grad and id(p) in _adapter_ids(ctx) for p in b.parameters())]
-    return len(chosen), len(blocks)
+    first = _first_trainable(ctx, blocks) if _selective(ctx.options) else 0
+    return sum(1 for i in range(first, len(blocks)) if i % every == 0), len(blocks)
 
 
-def _adapter_ids(ctx: Context) -> set[int]:
-    return {id(e.param) for e in ctx.inventory if e.adapter}
+def _selective(options: Options) -> bool:
+    """Whether the layout is selective, so the frozen-prefix rule applies."""
+    return options.checkpoint_trainable_blocks_only or options.checkpoint_every_n_layers != 1
+
+
+def _first_trainable(ctx: Context, blocks: list[nn.Module]) -> int:
+    """Index of the first block a backward reaches, read in model order: the first block
+    holding an adapter parameter (what stays trainable after prepare), or the block after the
+    ones passed when an adapter outside every block comes first (a trainable copy of the input
+    embeddings: 0); ``len(blocks)`` when no adapter is attached yet."""
+    index = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    passed = -1
+    for e in ctx.inventory:
+        i = index.get(id(e.param))
+        if e.adapter:
+            return i if i is not None else passed + 1
+        if i is not None:
+            passed = max(passed, i)
+    return len(blocks)
 
 
 def plan_checkpointing(ctx: Context) -> Step:
@@ -169,7 +191,7 @@ def apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, l
         module = modules[name]
         if not ckpt.has_input_grad_hook(module):
             log.add(ckpt.add_input_grad_hook(module).remove)
-    if p.checkpoint_trainable_blocks_only:
+    if p.gradient_checkpointing and (p.checkpoint_trainable_blocks_only or p.checkpoint_every_n_layers != 1):
         _hf.install_selective(base, log.add)
     # a Trainer / SFTTrainer enabling checkpointing or input grads again adds no second hook, and
     # checkpointing turned on later still gets the input-grad wiring (C11)
