@@ -357,8 +357,19 @@ BAD: dict[str, Bad] = {
         kbitprep.InvalidArgumentError,
         ("got 5", "('lm_head',)"),
     ),
+    # issue 16: a pattern that matches nothing is an error (peft's target_modules convention),
+    # not a warning followed by the full upcast the pattern was meant to avoid
     "keep_in_low_precision pattern that matches nothing": Bad(
-        _bnb4, lambda m: P(m, keep_in_low_precision=("lm_haed",)), warns="'lm_haed'", check=_check_bnb
+        _bnb4,
+        lambda m: P(m, keep_in_low_precision=("lm_haed",)),
+        kbitprep.InvalidArgumentError,
+        ("'lm_haed'", "closest names: 'lm_head'", "dotted suffix"),
+    ),
+    "keep_in_low_precision as a comma string": Bad(
+        _bnb4,
+        lambda m: P(m, keep_in_low_precision="lm_head,embed_tokens"),
+        kbitprep.InvalidArgumentError,
+        ("regular expression 'lm_head,embed_tokens'", "keep_in_low_precision=('lm_head', 'embed_tokens')"),
     ),
 }
 

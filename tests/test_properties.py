@@ -102,7 +102,9 @@ def _peft_lora_on_bare_torchao() -> bool:
 
 
 PEFT_LORA_ON_BARE_TORCHAO = _peft_lora_on_bare_torchao()
-KEEP_PATTERNS = ("lm_head", "norm", "embed_tokens", "*layernorm*", "model.layers.0.*", "no_such_module")
+# names, a glob and a whole block (issue 16: a name covers its subtree); a pattern that matches
+# nothing now raises before anything changes, which tests/test_invariant_options.py checks
+KEEP_PATTERNS = ("lm_head", "norm", "embed_tokens", "*layernorm*", "model.layers.0.*", "layers.0")
 
 
 # -- callable upcast policies (named, so hypothesis prints something readable) ----------------

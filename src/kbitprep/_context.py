@@ -3,8 +3,6 @@ inventory of parameters, taken once per :func:`kbitprep.plan` call."""
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +14,7 @@ from kbitprep._hf import adapter_param_ids
 from kbitprep._options import Options
 from kbitprep.backends.base import QuantBackend, is_storage_dtype
 
-__all__ = ["Context", "ParamEntry", "Step", "matches", "take_inventory"]
+__all__ = ["Context", "ParamEntry", "Step", "take_inventory"]
 
 
 @dataclass(slots=True)
@@ -102,17 +100,6 @@ def take_inventory(model: nn.Module, strategy: QuantBackend) -> tuple[ParamEntry
         entry.storage = not entry.adapter and strategy.is_quantized_param(name, param, owner)
         by_id[id(param)] = entry
     return tuple(by_id.values())
-
-
-def matches(pattern: str, names: Iterable[str]) -> bool:
-    """Whether a ``keep_in_low_precision`` pattern names one of ``names`` or its module: exact,
-    dotted suffix (``"lm_head"`` matches ``"model.lm_head.weight"``) or fnmatch glob."""
-    for name in names:
-        module = name.rpartition(".")[0]
-        for candidate in (name, module):
-            if candidate == pattern or candidate.endswith("." + pattern) or fnmatch.fnmatchcase(candidate, pattern):
-                return True
-    return False
 
 
 def prefix_of(model: nn.Module, base: nn.Module) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypedDict
@@ -25,7 +26,7 @@ class PrepareOptions(TypedDict, total=False):
     backend: str
     upcast: Any
     upcast_dtype: torch.dtype
-    keep_in_low_precision: Iterable[str]
+    keep_in_low_precision: str | Iterable[str]
     distributed: Any
     activation_offload: bool
     checkpoint_every_n_layers: int
@@ -48,7 +49,10 @@ class Options:
         backend: ``"auto"`` or a registered backend name.
         upcast: ``"auto"``, ``"all"``, ``"none"`` or a callable ``(name, param, module) -> bool``.
         upcast_dtype: The dtype an upcast produces.
-        keep: ``keep_in_low_precision`` name patterns.
+        keep: ``keep_in_low_precision`` name patterns (see :mod:`kbitprep._names`).
+        keep_regex: ``keep`` is one regular expression (``keep_in_low_precision`` was a single
+            string), full-matched against module names as peft matches a ``target_modules``
+            string.
         distributed: ``None``, ``"auto"`` or an engine name (see :mod:`kbitprep._distributed`).
         activation_offload: Keep checkpointed activations in host memory (transformers 5).
         checkpoint_every_n_layers: Checkpoint every n-th layer only (transformers 5).
@@ -62,6 +66,7 @@ class Options:
     upcast: Any
     upcast_dtype: torch.dtype
     keep: tuple[str, ...]
+    keep_regex: bool = False
     distributed: Any = None
     activation_offload: bool = False
     checkpoint_every_n_layers: int = 1
@@ -86,22 +91,37 @@ def _check_upcast(upcast: object, upcast_dtype: object) -> None:
         )
 
 
-def _check_keep(keep_in_low_precision: object) -> tuple[str, ...]:
+def _check_keep(keep_in_low_precision: object) -> tuple[tuple[str, ...], bool]:
+    """``(patterns, regex)``: a single string is one regular expression (peft's ``target_modules``
+    convention), any other iterable a sequence of names."""
     if isinstance(keep_in_low_precision, str):
-        return (keep_in_low_precision,)
+        if not keep_in_low_precision:
+            raise InvalidArgumentError(
+                "keep_in_low_precision='' names nothing; pass a sequence of module names such as "
+                "('lm_head', 'embed_tokens') or a regular expression such as r'.*\\.mlp'."
+            )
+        try:
+            re.compile(keep_in_low_precision)
+        except re.error as exc:
+            raise InvalidArgumentError(
+                f"keep_in_low_precision={keep_in_low_precision!r} is a single string, so it is read as a regular "
+                f"expression (full-matched against module names, as peft reads target_modules), and it does not "
+                f"compile: {exc}. Pass a sequence such as ({keep_in_low_precision!r},) to match a name instead."
+            ) from None
+        return (keep_in_low_precision,), True
     try:
         keep: tuple[Any, ...] = tuple(keep_in_low_precision)  # type: ignore[call-overload,arg-type]
     except TypeError:
         raise InvalidArgumentError(
-            f"keep_in_low_precision must be a sequence of name patterns such as ('lm_head',); "
-            f"got {keep_in_low_precision!r}."
+            f"keep_in_low_precision must be a sequence of module names such as ('lm_head',) or one regular "
+            f"expression (str); got {keep_in_low_precision!r}."
         ) from None
     if not all(isinstance(k, str) and k for k in keep):
         raise InvalidArgumentError(
-            f"keep_in_low_precision must hold non-empty strings (module or parameter names, "
-            f"globs allowed); got {keep!r}."
+            f"keep_in_low_precision must hold non-empty strings (module or parameter names, exact or a dotted "
+            f"suffix; globs allowed); got {keep!r}."
         )
-    return keep
+    return keep, False
 
 
 def _check_every_n(value: object) -> int:
@@ -119,7 +139,7 @@ def parse_options(
     backend: object = "auto",
     upcast: object = "auto",
     upcast_dtype: object = torch.float32,
-    keep_in_low_precision: Iterable[str] | object = (),
+    keep_in_low_precision: str | Iterable[str] | object = (),
     distributed: object = None,
     activation_offload: object = False,
     checkpoint_every_n_layers: object = 1,
@@ -137,6 +157,7 @@ def parse_options(
         raise InvalidArgumentError(f"backend must be 'auto' or a backend name (str); got {backend!r}.")
     _check_upcast(upcast, upcast_dtype)
     assert isinstance(upcast_dtype, torch.dtype)
+    keep, keep_regex = _check_keep(keep_in_low_precision)
     return Options(
         use_gradient_checkpointing=bool(use_gradient_checkpointing),
         checkpoint_kwargs=kwargs,
@@ -144,7 +165,8 @@ def parse_options(
         backend=backend,
         upcast=upcast,
         upcast_dtype=upcast_dtype,
-        keep=_check_keep(keep_in_low_precision),
+        keep=keep,
+        keep_regex=keep_regex,
         distributed=_distributed.validate(distributed),
         activation_offload=_check_flag("activation_offload", activation_offload),
         checkpoint_every_n_layers=_check_every_n(checkpoint_every_n_layers),

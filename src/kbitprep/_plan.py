@@ -108,12 +108,24 @@ class PreparationPlan:
         checkpoint_kwargs: The ``torch.utils.checkpoint`` keyword arguments used.
         activation_offload: Whether checkpointed activations are kept in host memory.
         checkpoint_every_n_layers: Every n-th layer is checkpointed.
-        checkpoint_trainable_blocks_only: Only blocks holding trainable parameters are
-            checkpointed (decided at each training forward).
-        checkpointed_blocks: ``(checkpointed, total)`` blocks as the model stands now.
+        checkpoint_trainable_blocks_only: The blocks before the first block holding trainable
+            parameters build no graph and are not checkpointed; every block from it on is
+            (decided at each training forward). ``checkpoint_every_n_layers`` applies the same
+            frozen-prefix rule.
+        checkpointed_blocks: ``(checkpointed, total)`` blocks at a training forward of the
+            model as it stands now (with a selective layout, none before the first block that
+            holds an adapter).
         storage_bytes: Bytes of quantized storage.
         float_bytes: Bytes of plain floating base parameters before the casts.
         freeze_names: Parameters ``prepare`` sets to ``requires_grad=False``.
+        trainable_dtype: The dtype a parameter that becomes trainable after ``prepare`` is
+            stored in at least, when it belongs to a module that computes wider than it stores
+            (a kept module, a peft ``modules_to_save`` copy of one, a module adopted after
+            ``prepare``) or to a ``modules_to_save`` copy: it is cast to it in place (the same
+            ``Parameter`` object, so an optimizer built before still holds it) at the first forward
+            after it appears, before any optimizer step can see it; each cast is listed in
+            :attr:`PreparationReport.trainable_casts` and reverted by ``undo``. ``None`` when the
+            options keep storage as it is (``upcast="none"``, a one-dtype distributed engine).
     """
 
     backend: str
@@ -142,6 +154,7 @@ class PreparationPlan:
     storage_bytes: int = 0
     float_bytes: int = 0
     freeze_names: tuple[str, ...] = field(default=(), repr=False)
+    trainable_dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-serialisable data (dtypes as strings, callables as their repr)."""
@@ -181,6 +194,9 @@ class UndoLog:
     def __init__(self, model: nn.Module | None = None) -> None:
         self._entries: list[Callable[[], object]] = []
         self._stack: list[UndoLog] | None = None
+        #: parameters cast after ``prepare`` returned (trainable copies of kept modules, cast at
+        #: the first forward that sees them); reverted with the rest, kept here as the record
+        self.trainable_casts: list[CastItem] = []
         if model is not None:
             self._stack = _LOG_STACKS.setdefault(model, [])
             self._stack.append(self)
@@ -193,7 +209,8 @@ class UndoLog:
         """Pickled empty and marked: its entries close over the live model, so a report loaded
         back from a pickle (``torch.save(model)`` after ``prepare_model_for_kbit_training``)
         cannot undo, and :meth:`undo` says so."""
-        return {"_entries": [], "_stack": None, "_unpickled": True}
+        casts = list(self.__dict__.get("trainable_casts", ()))  # plain records: they pickle
+        return {"_entries": [], "_stack": None, "_unpickled": True, "trainable_casts": casts}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UndoLog:
         new = UndoLog.__new__(UndoLog)
@@ -241,6 +258,14 @@ class PreparationReport(PreparationPlan):
         """The report of ``p`` applied, undone through ``log``."""
         values = {f.name: getattr(p, f.name) for f in fields(p)}
         return cls(**values, _log=log)
+
+    @property
+    def trainable_casts(self) -> tuple[CastItem, ...]:
+        """Parameters cast to :attr:`trainable_dtype` after ``prepare`` returned, because they
+        became trainable in a module kept low or in a peft ``modules_to_save`` copy (e.g. the
+        ``lm_head`` copy of ``modules_to_save=["lm_head"]``), in the order they were cast; ``undo``
+        casts them back."""
+        return tuple(self._log.__dict__.get("trainable_casts", ()))
 
     def undo(self) -> None:
         """Revert everything :func:`kbitprep.prepare` changed: dtypes (bit-exact),

@@ -1,12 +1,20 @@
 """The cast and compute-dtype step planners, and the cast apply step.
 
 One compute dtype per model (DESIGN "The orchestrator"): the quantized layers' compute dtype
-(``QuantBackend.compute_dtype``), else the dtype the upcast produces, else the model's dtype.
-A module stored narrower than it computes at it, its weight brought up at use
-(:mod:`kbitprep._compute`); a module stored wider computes as stored. Activations flow in the
-widest of those dtypes (``activation_dtype``); a module computing in another dtype has its
-inputs cast to its own, and inside a repeated block its output cast back. When no module needs
-any of this (peft's default policies), nothing is added.
+(``QuantBackend.compute_dtype``, read from the layers present), else the dtype the upcast
+produces, else the model's dtype. A module computes in the dtype its parameters have after the
+casts of the same call without ``keep_in_low_precision``, or at the compute dtype where that is
+narrower (issue 11), its parameters stored narrower brought up at use (:mod:`kbitprep._compute`).
+So keeping a module low changes its storage only: it computes as it would have without keep (for
+bitsandbytes under ``upcast="auto"``, at ``upcast_dtype``, as peft), and the activation dtype,
+the boundary casts and the model inputs are those of the call without keep (issue 16).
+Activations flow in the widest compute dtype (``activation_dtype``); a module computing in
+another dtype has its inputs cast to its own, and inside a repeated block its output cast back.
+When no module needs any of this (peft's default policies), nothing is added.
+
+A floating model input left to the caller is checked by a dry run on the meta device
+(:mod:`kbitprep._input_check`): a warning says it must now be passed in another dtype only
+when its old dtype would fail or make its first consumer compute otherwise.
 """
 
 from __future__ import annotations
@@ -15,12 +23,15 @@ import functools
 import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kbitprep._context import Context, ParamEntry, Step, matches, nbytes_as
+from kbitprep._context import Context, ParamEntry, Step, nbytes_as
 from kbitprep._errors import InvalidArgumentError
+from kbitprep._input_check import dry_run_input
+from kbitprep._names import covering, match_names
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, UndoLog
 from kbitprep.backends.base import is_storage_dtype, tensor_nbytes
 
@@ -57,7 +68,9 @@ def _target(ctx: Context, e: ParamEntry) -> torch.dtype | None:
     return opts.upcast_dtype if wanted_cast and p.dtype != opts.upcast_dtype else None
 
 
-def _ask_policy(policy: Callable[[str, nn.Parameter, nn.Module], object], name: str, p: nn.Parameter, m: nn.Module) -> bool:
+def _ask_policy(
+    policy: Callable[[str, nn.Parameter, nn.Module], object], name: str, p: nn.Parameter, m: nn.Module
+) -> bool:
     """The answer of a callable ``upcast`` for one parameter: ``True`` or ``False`` (a 0-d bool
     tensor counts), asked while planning, so a bad policy changes nothing.
 
@@ -90,10 +103,16 @@ def plan_casts(ctx: Context) -> Step:
     casts: list[CastItem] = []
     matched: set[str] = set()
     lowered: set[str] = set()  # patterns that hold at least one parameter below the upcast dtype
+    # raises InvalidArgumentError for a pattern that matches nothing, before anything changes
+    keep = match_names(ctx.model, ctx.prefix, ctx.options.keep, regex=ctx.options.keep_regex)
+    # a quantized layer's own floating parameters (a bitsandbytes bias) follow the policy: the
+    # layer converts them to its compute dtype at first use (bitsandbytes 0.50 re-stores
+    # Linear4bit's bias at the compute dtype), so holding them low would save nothing
+    quantized_layers = {id(e.module) for e in ctx.inventory if e.storage}
     for e in ctx.inventory:
         if not e.castable:
             continue
-        hits = [] if e.adapter else [k for k in ctx.options.keep if matches(k, e.names)]
+        hits = [] if e.adapter or id(e.module) in quantized_layers else covering(keep, e.names)
         matched.update(hits)
         if _bits(e.param.dtype) < _bits(ctx.options.upcast_dtype):
             lowered.update(hits)
@@ -110,11 +129,13 @@ def plan_casts(ctx: Context) -> Step:
                 tuple(e.names[1:]),
             )
             casts.append(item)
-    for pattern in ctx.options.keep:
+    for found in keep:
+        pattern = found.pattern
         if pattern not in matched:
             step.warnings.append(
-                f"keep_in_low_precision pattern {pattern!r} matches no parameter; check the name against "
-                "model.named_parameters() (exact name, dotted suffix such as 'lm_head', or a glob)."
+                f"keep_in_low_precision pattern {pattern!r} matches {len(found.modules) + len(found.params)} "
+                f"module(s) or parameter(s) (first: {found.first!r}), but nothing under them is a floating parameter the "
+                "plan could cast (quantized storage and attached adapters are never held low), so it changes nothing."
             )
         elif pattern not in lowered:
             step.warnings.append(
@@ -161,12 +182,38 @@ def _final_dtypes(ctx: Context, casts: tuple[CastItem, ...]) -> dict[int, torch.
     return {id(e.param): to.get(e.names[0], e.param.dtype) for e in ctx.inventory if e.castable}
 
 
-def _model_compute_dtype(ctx: Context, casts: tuple[CastItem, ...]) -> torch.dtype | None:
+def _unkept_dtypes(ctx: Context, final: dict[int, torch.dtype]) -> dict[int, torch.dtype]:
+    """Each castable parameter's dtype after the casts the same call would plan without
+    ``keep_in_low_precision``: the dtype a kept parameter computes in.
+
+    DESIGN "The orchestrator": keep changes storage only; a kept module computes in the dtype the
+    rest of the plan would have given it (for bitsandbytes under ``upcast="auto"``,
+    ``upcast_dtype``, as peft), its weight brought up at use. So every compute-dtype decision
+    below is taken on these dtypes, and the stored ones only say what is brought up at use.
+    The upcast policy is asked again only for the parameters the keep patterns hold (the test
+    :func:`plan_casts` applies); for the others ``final`` is its answer.
+    """
+    if not ctx.options.keep:
+        return final
+    keep = match_names(ctx.model, ctx.prefix, ctx.options.keep, regex=ctx.options.keep_regex)
+    unkept = dict(final)
+    for e in ctx.inventory:
+        if e.castable and not e.adapter and covering(keep, e.names):
+            to = _target(ctx, e)
+            if to is not None:
+                unkept[id(e.param)] = to
+    return unkept
+
+
+def _model_compute_dtype(ctx: Context, unkept: dict[int, torch.dtype]) -> torch.dtype | None:
+    """The quantized layers' compute dtype (``QuantBackend.compute_dtype``), else the dtype the
+    upcast produces, else the model's dtype (DESIGN "The orchestrator"; issue 11)."""
     declared = ctx.strategy.compute_dtype(ctx.base)
     if declared is not None and declared.is_floating_point and not is_storage_dtype(declared):
         return declared
-    if casts:  # the dtype the upcast (or the engine's one dtype) produces
-        return _dtype(casts[0].to_dtype)
+    for e in ctx.inventory:  # the dtype the upcast (or the engine's one dtype) produces
+        if e.castable and unkept[id(e.param)] != e.param.dtype:
+            return unkept[id(e.param)]
     by_bytes: Counter[torch.dtype] = Counter()
     for e in ctx.inventory:
         if e.plain_float:
@@ -188,67 +235,95 @@ def _own_plain(ctx: Context) -> dict[int, list[tuple[str, ParamEntry]]]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """How one module computes: ``stored`` (after the casts), ``computes``, the parameters
+    brought up to ``computes`` at use (``upcast``), and those the same call without keep patterns
+    would bring up (``unkept_upcast``, which decides whether that call mixes dtypes)."""
+
+    name: str
+    stored: torch.dtype
+    computes: torch.dtype
+    upcast: tuple[str, ...]
+    unkept_upcast: tuple[str, ...]
+
+
 def _module_rows(
-    ctx: Context, final: dict[int, torch.dtype], compute: torch.dtype
-) -> Iterator[tuple[str, torch.dtype, torch.dtype, tuple[str, ...]]]:
-    """(module name, stored, computes, upcast-at-use) for each module with its own plain floats,
-    and (name, kernel dtype, kernel dtype, ()) for each quantized layer with an input dtype."""
+    ctx: Context, final: dict[int, torch.dtype], unkept: dict[int, torch.dtype], compute: torch.dtype
+) -> Iterator[_Row]:
+    """A row for each module with its own plain floats, and (kernel dtype, kernel dtype) for each
+    quantized layer with an input dtype. A module computes in its parameters' dtype without
+    keep patterns (``unkept``), or at ``compute`` where that is narrower (issue 11: a module
+    stored below the compute dtype computes at it)."""
     own = _own_plain(ctx)
     holds_storage = {id(e.module) for e in ctx.inventory if e.storage}
     for name, module in ctx.model.named_modules():
         params = own.get(id(module))
         kernel = ctx.strategy.input_dtype(module)
         if kernel is not None and kernel.is_floating_point and not is_storage_dtype(kernel):
-            yield name, kernel, kernel, ()
+            yield _Row(name, kernel, kernel, (), ())
         elif params and id(module) not in holds_storage:  # a quantized layer without an input
             # dtype converts its inputs and its own bias itself (bitsandbytes)
-            dtypes = {leaf: final[id(e.param)] for leaf, e in params}
-            stored = dtypes.get("weight", next(iter(dtypes.values())))
-            computes = compute if _bits(stored) < _bits(compute) else stored
-            upcast = tuple(leaf for leaf, d in dtypes.items() if d != computes)
-            yield name, stored, computes, upcast
+            stored = {leaf: final[id(e.param)] for leaf, e in params}
+            wanted = {leaf: unkept[id(e.param)] for leaf, e in params}
+            main = wanted.get("weight", next(iter(wanted.values())))
+            computes = compute if _bits(main) < _bits(compute) else main
+            yield _Row(
+                name,
+                stored.get("weight", next(iter(stored.values()))),
+                computes,
+                tuple(leaf for leaf, d in stored.items() if d != computes),
+                tuple(leaf for leaf, d in wanted.items() if d != computes),
+            )
 
 
-def _activation_dtype(
-    rows: list[tuple[str, torch.dtype, torch.dtype, tuple[str, ...]]], compute: torch.dtype
-) -> torch.dtype:
+def _activation_dtype(rows: list[_Row], compute: torch.dtype) -> torch.dtype:
     if not rows:
         return compute
-    widest = max(_bits(c) for _n, _s, c, _u in rows)
-    candidates = Counter(c for _n, _s, c, _u in rows if _bits(c) == widest)
+    widest = max(_bits(r.computes) for r in rows)
+    candidates = Counter(r.computes for r in rows if _bits(r.computes) == widest)
     return compute if compute in candidates else candidates.most_common(1)[0][0]
 
 
 def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
     """The compute dtype, the activation dtype, the modules that compute in another dtype than
-    they store or than the activations around them, and the floating model inputs."""
+    they store or than the activations around them, and the floating model inputs.
+
+    Everything but the parameters brought up at use is decided as for the same call without
+    ``keep_in_low_precision`` (:func:`_unkept_dtypes`), so keep changes storage only: the same
+    compute dtypes, activation dtype, boundary casts and model inputs. A kept module gets a row
+    (its weight brought up at use) even where that call mixes nothing; its input cast is then to
+    the activations' dtype, which is what it receives there.
+    """
     step = Step()
-    compute = _model_compute_dtype(ctx, casts)
+    final = _final_dtypes(ctx, casts)
+    unkept = _unkept_dtypes(ctx, final)
+    compute = _model_compute_dtype(ctx, unkept)
     if compute is None:
         return step
-    rows = list(_module_rows(ctx, _final_dtypes(ctx, casts), compute))
+    rows = list(_module_rows(ctx, final, unkept, compute))
     act = _activation_dtype(rows, compute)
-    mixed = any(c != act or u for _n, _s, c, u in rows)
-    inputs = _model_inputs(ctx, {n: c for n, _s, c, _u in rows}, mixed)
+    mixed = any(r.computes != act or r.unkept_upcast for r in rows)  # without keep patterns
+    inputs = _model_inputs(ctx, {r.name: r.computes for r in rows}, mixed)
     # a module computing in the activations' dtype up to the last block only ever receives
     # them (every module feeding blocks returns them), except where a model input enters;
     # after the last block (final norm, lm_head) modules may pass on their own dtype
-    entries = {i.module for i in inputs}
+    entries = {i.module for i, _owner in inputs}
+    feeding = _names_feeding_blocks(ctx.model) if mixed else set()
     precision: list[ModulePrecision] = []
-    if mixed:
-        feeding = _names_feeding_blocks(ctx.model)
-        for name, stored, computes, upcast in rows:
-            if computes == act and not upcast and name in feeding and name not in entries:
-                continue
-            out = str(act) if computes != act and name in feeding else None
-            precision.append(ModulePrecision(name, str(stored), str(computes), upcast, out))
+    for r in rows:
+        if not r.upcast and (not mixed or (r.computes == act and r.name in feeding and r.name not in entries)):
+            continue
+        out = str(act) if r.computes != act and r.name in feeding else None
+        precision.append(ModulePrecision(r.name, str(r.stored), str(r.computes), r.upcast, out))
+    checked = _check_inputs(ctx, inputs, unkept)
     step.fields.update(
         compute_dtype=str(compute),
         activation_dtype=str(act),
         precision=tuple(precision),
-        model_inputs=tuple(inputs),
+        model_inputs=tuple(i for i, _w in checked),
     )
-    step.warnings.extend(_input_warnings(ctx, step.fields["model_inputs"]))
+    step.warnings.extend(w for _i, w in checked if w)
     return step
 
 
@@ -284,41 +359,86 @@ def _forward_params(cls: type) -> frozenset[str]:
     return found
 
 
-def _model_inputs(ctx: Context, computes: dict[str, torch.dtype], mixed: bool) -> list[ModelInput]:
-    """For each floating input, the deepest module whose forward takes it, then the first module
-    below it (not an embedding) that holds its own floating parameters: the one it meets first."""
+def _model_inputs(ctx: Context, computes: dict[str, torch.dtype], mixed: bool) -> list[tuple[ModelInput, str]]:
+    """For each floating input, the deepest module whose forward takes it (its owner), then the
+    first module below it (not an embedding) that holds its own floating parameters: the one
+    it meets first in registration order. Returns each input with its owner's name."""
     deepest: dict[str, str] = {}
     for name, module in ctx.model.named_modules():
         for arg in FLOAT_INPUTS:
             if arg in _forward_params(type(module)):
                 deepest[arg] = name
     modules = dict(ctx.model.named_modules())
-    found: list[ModelInput] = []
+    found: list[tuple[ModelInput, str]] = []
     for arg, owner in deepest.items():
         prefix = f"{owner}." if owner else ""
         for name, module in modules.items():
             if name.startswith(prefix) and name in computes and not isinstance(module, nn.Embedding):
-                found.append(ModelInput(arg, name, str(computes[name]), mixed))
+                found.append((ModelInput(arg, name, str(computes[name]), mixed), owner))
                 break
     return found
 
 
-def _input_warnings(ctx: Context, inputs: tuple[ModelInput, ...]) -> list[str]:
+def _kernel_dtype(ctx: Context, module: nn.Module) -> torch.dtype | None:
+    kernel = ctx.strategy.input_dtype(module)
+    return kernel if kernel is not None and kernel.is_floating_point and not is_storage_dtype(kernel) else None
+
+
+def _check_inputs(
+    ctx: Context, inputs: list[tuple[ModelInput, str]], unkept: dict[int, torch.dtype]
+) -> list[tuple[ModelInput, str | None]]:
+    """Each model input the plan keeps, with its warning (or None).
+
+    An input the plan casts itself, or whose first module keeps its dtype, is kept as found. For
+    one left to the caller whose first module now holds another dtype than before, the module
+    that takes it is dry-run on the meta device (:func:`kbitprep._input_check.dry_run_input`)
+    with the input in its old dtype and in the planned one. Issue 16 ("no warning that is not
+    true for the model at hand"): a warning is given only when the old dtype fails there or
+    makes its first consumer return other dtypes, and the input is dropped from the plan when
+    the old dtype works as the planned one (the model converts it, e.g. CLIP's embeddings, or
+    its first consumer does, e.g. an RMSNorm). When the dry run cannot decide, the structural
+    rule stands: a ``Linear`` / ``Conv`` module cast from the input's old dtype refuses it.
+    """
     modules = dict(ctx.model.named_modules())
-    storage = {id(e.param) for e in ctx.inventory if e.storage}  # never a compute dtype (issue 11)
-    found = []
-    for item in inputs:
+    storage = frozenset(id(e.param) for e in ctx.inventory if e.storage)  # never a compute dtype (issue 11)
+    found: list[tuple[ModelInput, str | None]] = []
+    for item, owner in inputs:
         module = modules[item.module]
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point() and id(p) not in storage]
-        # norms convert their input themselves; a convolution or matmul refuses another dtype
-        strict = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        if item.cast or not strict or not own or str(own[0].dtype) == item.dtype:
+        if item.cast or not own or str(own[0].dtype) == item.dtype:
+            found.append((item, None))
             continue
-        found.append(
-            f"Model input {item.name!r} must now be {item.dtype}: {item.module} is cast from {own[0].dtype}. "
-            f"Cast it before the forward (e.g. batch[{item.name!r}].to({item.dtype})); kbitprep adds no "
-            "cast in the default policy, to keep peft's behaviour."
+        old, planned = own[0].dtype, _dtype(item.dtype)
+        verdicts = dry_run_input(
+            modules[owner], owner, item.name, unkept, storage, lambda m: _kernel_dtype(ctx, m), old, planned
         )
+        how = (
+            f"Cast it before the forward (e.g. batch[{item.name!r}].to({item.dtype})); kbitprep adds no cast in "
+            "the default policy, to keep peft's behaviour."
+        )
+        if verdicts is None:  # undecided: the structural rule
+            strict = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            warning = f"Model input {item.name!r} must now be {item.dtype}: {item.module} is cast from {old}. {how}"
+            found.append((item, warning if strict else None))
+            continue
+        before, after = verdicts
+        at = before.consumer or after.consumer or item.module
+        item = ModelInput(item.name, at, item.dtype, item.cast)
+        if before.error is not None:
+            warning = (
+                f"Model input {item.name!r} must now be {item.dtype}: in {old} it fails at {at} (now {planned}): "
+                f"{before.error}. {how}"
+            )
+        elif before.returned != after.returned:
+            got = ", ".join(str(d) for d in before.returned)
+            want = ", ".join(str(d) for d in after.returned)
+            warning = (
+                f"Model input {item.name!r} must now be {item.dtype}: in {old} it reaches {at} (now {planned}), "
+                f"which then returns {got} instead of {want}, so the forward no longer computes as planned. {how}"
+            )
+        else:  # the old dtype computes as the planned one: nothing to say, nothing to pass
+            continue
+        found.append((item, warning))
     return found
 
 

@@ -185,9 +185,19 @@ def _plan_distributed(ctx: Context) -> Step:
     return Step({"distributed": decision.mode, "shard_dtype": shard})
 
 
+def _plan_trainable_dtype(ctx: Context) -> Step:
+    """The dtype a parameter that becomes trainable after ``prepare`` (a peft ``modules_to_save``
+    copy of a kept module) is stored in: the upcast dtype, unless the options keep storage as it
+    is (``upcast="none"``, or a distributed engine that holds every parameter in one dtype)."""
+    opts, dist = ctx.options, ctx.distributed
+    if opts.upcast == "none" or (dist.mode is not None and not dist.upcast_kept):
+        return Step()
+    return Step({"trainable_dtype": str(opts.upcast_dtype)})
+
+
 def _assemble(model: nn.Module, opts: Options) -> PreparationPlan:
     ctx, resolved = _resolve(model, opts)
-    steps = [resolved, _plan_trainability(ctx), _plan_freeze(ctx), _plan_distributed(ctx)]
+    steps = [resolved, _plan_trainability(ctx), _plan_freeze(ctx), _plan_distributed(ctx), _plan_trainable_dtype(ctx)]
     casts = plan_casts(ctx)
     steps += [casts, plan_compute(ctx, casts.fields["casts"]), plan_checkpointing(ctx)]
     fields: dict[str, Any] = {}
@@ -204,7 +214,7 @@ def plan(
     gradient_checkpointing_kwargs: Mapping[str, Any] | None = None,
     **options: Unpack[PrepareOptions],
 ) -> PreparationPlan:
-    """Decide how to prepare ``model`` for k-bit adapter training; change nothing.
+    r"""Decide how to prepare ``model`` for k-bit adapter training; change nothing.
 
     No parameter, dtype, ``requires_grad``, hook, checkpointing flag or ``use_cache`` is
     touched, no forward is run, and no parameter storage is allocated.
@@ -220,24 +230,38 @@ def plan(
             unquantized models, nothing for the others), ``"all"``, ``"none"``, or a callable
             ``(name, param, module) -> bool``.
         upcast_dtype: Floating dtype to upcast to. Default ``torch.float32``, as peft 0.21.
-        keep_in_low_precision: Module or parameter name patterns (exact, dotted suffix, or
-            fnmatch glob) never cast, e.g. ``("lm_head", "embed_tokens")``. They compute in the
-            model's compute dtype, their weight brought up at use and never stored.
+        keep_in_low_precision: Modules never cast, named as peft names ``target_modules``: a
+            sequence of names, each matching a module by its exact name or a dotted suffix
+            (``("lm_head", "embed_tokens")``, ``("vision_tower",)``, ``("model.layers.0",)``)
+            and covering everything under it, or a parameter the same way
+            (``"model.norm.weight"``); a name with ``*``, ``?`` or ``[`` is an fnmatch glob over
+            whole names. A single string is a regular expression full-matched against module
+            names (``r".*\.mlp"``), not a name. Inside a ``peft.PeftModel`` names are those of
+            the model it wraps. Kept modules compute in the dtype the upcast policy would have
+            given them without keep (as peft 0.21 for bitsandbytes: ``upcast_dtype``), their
+            weight brought up at use and never stored, so logits, losses and gradients are
+            those of the call without keep.
         distributed: ``None`` (single process, as peft), an engine (``"fsdp"``, see
             docs/distributed.md) or ``"auto"`` (on when a sharded run is detected). Every
             floating parameter ends in one dtype (``shard_dtype``) and nothing is upcast.
         activation_offload: Keep checkpointed activations in host memory (transformers 5.24
             ``activation_checkpointing_enable(offload=True)``).
-        checkpoint_every_n_layers: Checkpoint every n-th block only (transformers 5.24).
-        checkpoint_trainable_blocks_only: Checkpoint only blocks holding trainable parameters,
-            decided at each training forward (as LLaMA-Factory does).
+        checkpoint_every_n_layers: Checkpoint every n-th block only (transformers 5.24); the
+            others keep their activations. The blocks before the first block holding a
+            trainable parameter build no graph (decided at each training forward).
+        checkpoint_trainable_blocks_only: The blocks before the first block holding a
+            trainable parameter build no graph and are not checkpointed; every block from it
+            on is checkpointed (decided at each training forward). Never keeps more
+            activations than checkpointing every block.
 
     Returns:
         The plan. Byte counts are in bytes; a tied parameter counts once.
 
     Raises:
         InvalidModelError: ``model`` is not an ``nn.Module`` or has meta-device parameters.
-        InvalidArgumentError: An option has the wrong type or value, or options conflict.
+        InvalidArgumentError: An option has the wrong type or value, options conflict, or a
+            ``keep_in_low_precision`` pattern matches nothing (the message names the closest
+            names).
         UnknownBackendError: ``backend`` names no registered backend.
         BackendUnavailableError: A fix-up needs the backend's library, which is not installed.
         NotTrainableError: The backend says adapters cannot train.

@@ -91,8 +91,12 @@ def _checkpointing(p: PreparationPlan) -> str:
         parts.append(f"every {p.checkpoint_every_n_layers} layers")
     if p.checkpointed_blocks is not None:
         done, total = p.checkpointed_blocks
-        when = " (blocks holding trainable parameters, decided at each training forward)"
-        parts.append(f"{done} of {total} blocks now" + (when if p.checkpoint_trainable_blocks_only else ""))
+        when = (
+            " (from the first block holding trainable parameters; the blocks before it build no graph; "
+            "decided at each training forward)"
+        )
+        selective = p.checkpoint_trainable_blocks_only or p.checkpoint_every_n_layers != 1
+        parts.append(f"{done} of {total} blocks now" + (when if selective else ""))
     return "; ".join(parts)
 
 

@@ -184,11 +184,12 @@ def test_every_family_and_policy_trains_with_the_planned_output_dtype(
 
 
 def test_t5_keep_low_crosses_the_encoder_decoder_boundary(model_root: str) -> None:
-    """C20: T5 4-bit (compute bf16), keep lm_head and shared: the step runs, all 24 LoRA tensors
-    get gradients, and the logits are bf16 as the plan predicts for lm_head."""
+    """C20: T5 4-bit (compute bf16), keep lm_head and shared: the step runs and all 24 LoRA
+    tensors get gradients. Issue 16: keep changes storage only, so lm_head computes in fp32 as
+    it does without keep (peft's upcast), and the logits are fp32 (they were bf16 before)."""
     model = t5(model_root)
     report = _prepare(model, keep_in_low_precision=("lm_head", "shared"))
-    assert plan_compute_dtype(report, model, "lm_head") == torch.bfloat16
+    assert plan_compute_dtype(report, model, "lm_head") == torch.float32
     assert report.compute_dtype == "torch.bfloat16" and report.activation_dtype == "torch.float32"
     peft_model = _lora(model, ["q", "v"])
     peft_model.train()
@@ -196,7 +197,7 @@ def test_t5_keep_low_crosses_the_encoder_decoder_boundary(model_root: str) -> No
     out.loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
     assert len(grads) == 24 and all(g is not None for g in grads)
-    assert out.logits.dtype == torch.bfloat16
+    assert out.logits.dtype == torch.float32
 
 
 def test_whisper_default_plan_names_the_entry_module_and_dtype(model_root: str) -> None:
@@ -216,14 +217,21 @@ def test_whisper_default_plan_names_the_entry_module_and_dtype(model_root: str) 
     assert sum(1 for n, q in peft_model.named_parameters() if "lora_" in n and q.grad is not None) == 24
 
 
-def test_whisper_bf16_features_are_cast_under_a_keep_policy(model_root: str) -> None:
-    """C21 under a keep pattern: the plan casts model inputs itself, and bf16 features train."""
+def test_whisper_features_under_a_keep_policy_need_what_they_need_without_it(model_root: str) -> None:
+    """C21 under a keep pattern. Issue 16: keep changes storage only, so the plan's model inputs
+    and their warning are those of the same call without keep (input_features fp32 at
+    model.encoder.conv1, left to the caller; kbitprep added an input cast under keep before),
+    and fp32 features train 24/24."""
+    keep = {"keep_in_low_precision": ("proj_out", "embed_tokens")}
+    assert kbitprep.plan(whisper(model_root), **keep).model_inputs == kbitprep.plan(whisper(model_root)).model_inputs
     model = whisper(model_root)
-    report = _prepare(model, keep_in_low_precision=("proj_out", "embed_tokens"))
-    assert {i.name: i.cast for i in report.model_inputs}["input_features"] is True
+    report = _prepare(model, **keep)
+    entry = {i.name: i for i in report.model_inputs}["input_features"]
+    assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", "torch.float32", False)
+    assert any("'input_features' must now be torch.float32" in w for w in report.warnings)
     peft_model = _lora(model, ["q_proj", "v_proj"])
     peft_model.train()
-    out = peft_model(**_batch_whisper(torch.bfloat16))
+    out = peft_model(**_batch_whisper(torch.float32))
     out.loss.backward()
     assert sum(1 for n, q in peft_model.named_parameters() if "lora_" in n and q.grad is not None) == 24
 
@@ -309,22 +317,23 @@ def test_undo_is_bit_exact_and_removes_the_rule(model_root: str) -> None:
         assert p.dtype == before[n][0] and torch.equal(p.detach(), before[n][1]), n
 
 
-def test_modules_to_save_copy_keeps_the_rule_and_warns_it_trains_low(model_root: str) -> None:
-    """peft's modules_to_save deep-copies lm_head after prepare: the copy keeps computing in
-    fp32, and training it (stored bf16) is named in a KbitPrepWarning."""
+def test_modules_to_save_copy_keeps_the_rule_and_trains_at_the_upcast_dtype(model_root: str) -> None:
+    """peft's modules_to_save deep-copies lm_head (kept bf16) after prepare: the copy keeps the
+    rule, and at the first forward its trainable weight is stored in fp32 (the upcast dtype), in
+    place, with no warning; the report lists the cast."""
     from peft import LoraConfig, get_peft_model
 
-    model, _report = _kept(model_root)
+    model, report = _kept(model_root)
     cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], lora_dropout=0.0)
     peft_model = get_peft_model(model, cfg)
     copies = [m for n, m in peft_model.named_modules() if n.endswith("modules_to_save.default")]
     assert copies and spec_of(copies[0]) is not None
-    with pytest.warns(kbitprep.KbitPrepWarning, match="lm_head is stored in torch.bfloat16"):
-        loss, grads = standard_step(peft_model)
+    _loss, grads = standard_step(peft_model)
     assert grad_counts(grads)[:2] == (8, 8)
     trained = dict(peft_model.named_parameters())
     head = [p for n, p in trained.items() if "modules_to_save" in n]
-    assert head and all(p.grad is not None for p in head)
+    assert head and all(p.grad is not None and p.dtype == torch.float32 for p in head)
+    assert [c.name for c in report.trainable_casts] == ["lm_head.modules_to_save.default.weight"]
 
 
 def test_weight_tying_with_modules_to_save_keeps_one_compute_dtype(model_root: str) -> None:
@@ -342,8 +351,7 @@ def test_weight_tying_with_modules_to_save_keeps_one_compute_dtype(model_root: s
     peft_model = get_peft_model(model, cfg)
     peft_model.train()
     ids = _ids(2, 8)
-    with pytest.warns(kbitprep.KbitPrepWarning, match="stored in torch.bfloat16"):
-        out = peft_model(input_ids=ids, labels=ids)
+    out = peft_model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.float32
     out.loss.backward()
 

@@ -36,6 +36,21 @@ def _storage_classes() -> tuple[type, ...]:
     return tuple(c for c in (getattr(bnb_nn, "Params4bit", None), getattr(bnb_nn, "Int8Params", None)) if c)
 
 
+def _config_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """``bnb_4bit_compute_dtype`` of a 4-bit ``quantization_config`` (object or dict), else None."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+
+    def read(key: str) -> Any:
+        return qc.get(key) if isinstance(qc, dict) else getattr(qc, key, None)
+
+    if not read("load_in_4bit"):
+        return None
+    value = read("bnb_4bit_compute_dtype")
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 class BitsAndBytesBackend(QuantBackend):
     """Strategy for bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8()) models.
 
@@ -72,19 +87,48 @@ class BitsAndBytesBackend(QuantBackend):
         return super().is_quantized_param(name, param, module)  # the shared storage rule
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
-        """4-bit: the layers' ``compute_dtype`` (``bnb_4bit_compute_dtype``; bitsandbytes 0.50
-        ``Linear4bit`` casts its input to it and returns the input's dtype), else the config's.
-        8-bit layers compute in their input's dtype: ``None``."""
-        linear4 = getattr(loaded_module("bitsandbytes.nn"), "Linear4bit", None)
-        for _name, module in modules_of_type(model, (linear4,) if linear4 is not None else ()):
+        """The dtype the bitsandbytes layers present compute in, read from those layers only
+        (DESIGN "The orchestrator": never from a config default of another layer kind).
+
+        - 4-bit (``Linear4bit``): the layers' ``compute_dtype`` (``bnb_4bit_compute_dtype``;
+          bitsandbytes 0.50 ``Linear4bit.forward`` casts its input to it and returns the input's
+          dtype). A layer built without one (it adopts its first input's dtype) falls back to
+          the config's ``bnb_4bit_compute_dtype`` when the config says ``load_in_4bit``.
+        - 8-bit only (``Linear8bitLt``): the layers dequantize to, and return, their input's
+          dtype (bitsandbytes 0.50 ``MatMul8bitLt``: ``dtype=A.dtype``), so they compute in the
+          model's dtype: the dtype of their own floating parameters that are not storage (the
+          bias), else the model's dtype as transformers 5.24 defines it (``PreTrainedModel.dtype``:
+          its first floating parameter; here the first that is not storage): an fp16 LLM.int8
+          checkpoint computes in fp16, T5 too although transformers keeps its ``wo`` in fp32.
+          ``BitsAndBytesConfig(load_in_8bit=True)`` still carries
+          ``bnb_4bit_compute_dtype=float32`` (transformers' default for the 4-bit option),
+          which no layer of an 8-bit model uses (issue 16: it brought every fp16 module up to
+          fp32 under ``upcast="none"``).
+        - no bitsandbytes layer: ``None``.
+        """
+        bnb_nn = loaded_module("bitsandbytes.nn")
+        linear4 = getattr(bnb_nn, "Linear4bit", None)
+        linear8 = getattr(bnb_nn, "Linear8bitLt", None)
+        layers4 = [m for _n, m in modules_of_type(model, (linear4,) if linear4 is not None else ())]
+        for module in layers4:
             dtype = getattr(module, "compute_dtype", None)
             if isinstance(dtype, torch.dtype):
                 return dtype
-        qc = getattr(getattr(model, "config", None), "quantization_config", None)
-        value = qc.get("bnb_4bit_compute_dtype") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_compute_dtype", None)
-        if isinstance(value, str):
-            value = getattr(torch, value.removeprefix("torch."), None)
-        return value if isinstance(value, torch.dtype) else None
+        if layers4:
+            return _config_compute_dtype(model)
+        layers8 = [m for _n, m in modules_of_type(model, (linear8,) if linear8 is not None else ())]
+        if not layers8:
+            return None
+        for module in layers8:
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and not self.is_quantized_param(name, param, module):
+                    return param.dtype
+        modules = dict(model.named_modules())
+        for name, param in model.named_parameters():
+            owner = modules.get(name.rpartition(".")[0], model)
+            if param.is_floating_point() and not self.is_quantized_param(name, param, owner):
+                return param.dtype
+        return None
 
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         # peft 0.21 prepare_model_for_kbit_training: fp16/bf16 non-storage params go to fp32
