@@ -6,6 +6,7 @@ Every session installs torch 2.13.0 (the CPU build) first and keeps it pinned wi
 
 from __future__ import annotations
 
+import glob
 import os
 
 import nox
@@ -47,10 +48,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def fuzz(session: nox.Session) -> None:
-    """Property tests with many more hypothesis examples (--hypothesis-profile=fuzz)."""
+    """Property tests (tests/test_properties.py, tests/test_invariant*.py) with many more hypothesis examples."""
     _install_torch(session)
     session.install(*PIN, "-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", "tests/test_properties.py", "--hypothesis-profile=fuzz", *session.posargs, env=ENV)
+    files = ["tests/test_properties.py", *sorted(glob.glob("tests/test_invariant*.py"))]
+    session.run("pytest", *files, "--hypothesis-profile=fuzz", *session.posargs, env=ENV)
 
 
 @nox.session(default=False)

@@ -130,23 +130,20 @@ def test_awq_undo_unpins_the_layers(awq_model: nn.Module) -> None:
     assert {m.linear_mode for m in _aten_layers(awq_model)} == {None}
 
 
-def test_awq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(
-    awq_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_awq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(awq_dir: str) -> None:
     """The fix the refusal names: AwqConfig(backend="torch_awq") gives AwqTorchLinear, which has
     no linear_mode; an eval no-grad forward before prepare is harmless and LoRA trains."""
-    import torch._dynamo
     from transformers import AwqConfig
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # its dequantize is torch.compile'd
-    model = from_pretrained(awq_dir, torch.float16, quantization_config=AwqConfig(bits=4, backend="torch_awq"))
-    layers = [m for m in model.modules() if type(m).__name__ == "AwqTorchLinear"]
-    assert len(layers) == N_LINEARS and not any(hasattr(m, "linear_mode") for m in layers)
-    with torch.no_grad():
-        model(input_ids=standard_batch(1, 8))
-    report = prepare(model)
-    assert (report.backend, report.casts) == ("awq", ())
-    _loss, grads = standard_step(add_lora(model, r=4))
+    with torch.compiler.set_stance("force_eager"):  # its dequantize is torch.compile'd
+        model = from_pretrained(awq_dir, torch.float16, quantization_config=AwqConfig(bits=4, backend="torch_awq"))
+        layers = [m for m in model.modules() if type(m).__name__ == "AwqTorchLinear"]
+        assert len(layers) == N_LINEARS and not any(hasattr(m, "linear_mode") for m in layers)
+        with torch.no_grad():
+            model(input_ids=standard_batch(1, 8))
+        report = prepare(model)
+        assert (report.backend, report.casts) == ("awq", ())
+        _loss, grads = standard_step(add_lora(model, r=4))
     assert grad_counts(grads) == (8, 8, 4)
 
 

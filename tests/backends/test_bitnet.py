@@ -3,6 +3,7 @@ transformers 5.24 (BitNetHfQuantizer only warns without a GPU), in its three lay
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,12 @@ from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepa
 
 
 @pytest.fixture(autouse=True)
-def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def _eager() -> Iterator[None]:
     """BitLinear and ActQuant are wrapped in torch.compile: minutes on 2 CPU cores for nothing
-    these tests check; run them eagerly."""
-    import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "disable", True, raising=False)
+    these tests check; run them eagerly. (A monkeypatched ``torch._dynamo.config.disable``, which
+    torch 2.13 does not have, left dynamo's config unusable for later compile tests.)"""
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def _load(model_root: str, linear_class: str, mode: str = "offline") -> nn.Module:
