@@ -18,6 +18,7 @@ from kbitprep._errors import (
     NotTrainableError,
     UnknownBackendError,
 )
+from kbitprep._estimate import MemoryEstimate, estimate
 from kbitprep._prepare import (
     CastItem,
     ModelInput,
@@ -51,6 +52,7 @@ __all__ = [
     "InvalidModelError",
     "KbitPrepError",
     "KbitPrepWarning",
+    "MemoryEstimate",
     "ModelInput",
     "ModulePrecision",
     "NotShardableError",
@@ -63,6 +65,7 @@ __all__ = [
     "available_backends",
     "cast_adapters",
     "detect_backend",
+    "estimate",
     "get_backend",
     "mark_trainable",
     "plan",

@@ -1,4 +1,4 @@
-"""The ``kbitprep`` command line: ``backends``, ``inspect`` and ``demo``.
+"""The ``kbitprep`` command line: ``backends``, ``inspect``, ``demo`` and ``estimate``.
 
 argparse for the commands, rich for the tables and the progress bar (imported inside the
 commands that draw). The work itself lives in ``kbitprep.demo``. ``python -m kbitprep`` is the
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table as RichTable
 
+    from kbitprep._estimate import MemoryEstimate
+    from kbitprep._estimate._config import BudgetRow
     from kbitprep._prepare import PreparationPlan
     from kbitprep._registry import Detection
     from kbitprep._render import Table as RenderTable
@@ -98,14 +100,76 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="PATTERN",
-        help="parameter or module names (globs allowed) that prepare leaves in bf16, e.g. lm_head",
+        help="module names (exact or a dotted suffix, covering everything under the module; parameter names "
+        "and globs allowed) that prepare leaves in bf16, e.g. lm_head; one that matches nothing is an error",
     )
     p.add_argument(
         "--seed", type=int, default=d.seed, help=f"seed of the LoRA initialisation and the batches (default: {d.seed})"
     )
     p.add_argument("--plot", metavar="PATH", help="write the loss curve as a PNG")
     p.add_argument("--json", metavar="PATH", dest="json_path", help="write a JSON summary of the run")
+    _add_estimate_parser(sub)
     return parser
+
+
+def _add_estimate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kbitprep._estimate._config import QUANTIZATIONS as ESTIMATE_QUANTIZATIONS
+
+    p = sub.add_parser(
+        "estimate",
+        help="predict the peak memory of a QLoRA training step from a config.json, before any weight is loaded",
+    )
+    p.add_argument("config", metavar="CONFIG_OR_DIR", help="a model directory holding config.json, or a config.json")
+    p.add_argument(
+        "--quantization",
+        "-q",
+        choices=ESTIMATE_QUANTIZATIONS,
+        default="none",
+        help="bitsandbytes quantization to load with (default: none, i.e. as the config says; unquantized if it says nothing)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="bnb_4bit_compute_dtype of nf4/fp4 (default: bfloat16)",
+    )
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float16", "float32"), help="checkpoint dtype (default: the config's)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: twice the rank)")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        metavar="NAME",
+        help="LoRA target modules (default: all-linear)",
+    )
+    p.add_argument("--modules-to-save", nargs="+", default=[], metavar="NAME", help="modules trained in full")
+    p.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "sgd"), default="adamw", help="default: adamw")
+    p.add_argument("--keep-in-low-precision", action="extend", nargs="+", default=[], metavar="PATTERN")
+    p.add_argument("--checkpoint-every-n-layers", type=int, default=1, metavar="N", help="default: 1 (every block)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="train without checkpointing")
+    p.add_argument("--upcast", choices=("auto", "all", "none"), default="auto", help="default: auto")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device to predict for (default: cuda)")
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        metavar="SIZE",
+        help="memory budget, e.g. 24GiB: lists the options that bring the peak under it, and by how much",
+    )
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def _budget(text: str) -> int:
+    from kbitprep._estimate._config import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except KbitPrepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backends": _cmd_backends,
         "inspect": _cmd_inspect,
         "demo": _cmd_demo,
+        "estimate": _cmd_estimate,
     }
     try:
         with warnings.catch_warnings():
@@ -405,3 +470,116 @@ def _write_json(console: Console, result: DemoResult, path: str | None) -> None:
         return
     Path(path).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     console.print(f"Summary written to {_escape(path)}")
+
+
+# -- estimate ---------------------------------------------------------------------------------
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import torch
+    from peft import LoraConfig
+
+    from kbitprep._estimate._config import (
+        EstimateRequest,
+        budget_rows,
+        checkpoint_unquantized,
+        load_meta_model,
+        quantization_config,
+    )
+
+    _quiet_transformers()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_meta_model(args.config, dtype)
+    quantization = quantization_config(args.quantization, getattr(torch, args.compute_dtype))
+    if not args.no_gradient_checkpointing:
+        checkpoint_unquantized(model, quantization, args.checkpoint_every_n_layers)
+    adapter = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha or 2 * args.lora_r,
+        lora_dropout=0.0,
+        target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules,
+        modules_to_save=args.modules_to_save or None,
+    )
+    options: dict[str, object] = {"upcast": args.upcast}
+    if args.no_gradient_checkpointing:
+        options["use_gradient_checkpointing"] = False
+    else:
+        options["checkpoint_every_n_layers"] = args.checkpoint_every_n_layers
+    if args.keep_in_low_precision:
+        options["keep_in_low_precision"] = tuple(args.keep_in_low_precision)
+    request = EstimateRequest(
+        model=model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        adapter=adapter,
+        optimizer=args.optimizer,
+        quantization_config=quantization,
+        device=args.device,
+        options=options,
+    )
+    est = request.run()
+    rows = budget_rows(request, est, args.budget) if args.budget is not None else None
+    if args.json:
+        data: dict[str, object] = {"config": str(args.config), "estimate": est.to_dict()}
+        if rows is not None:
+            data["budget"] = {
+                "bytes": args.budget,
+                "options": [
+                    {"label": r.label, "peak_bytes": r.peak_bytes, "margin_bytes": r.margin_bytes} for r in rows
+                ],
+            }
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    console = _console()
+    _print_estimate(console, est)
+    if rows is not None:
+        _print_budget(console, rows, args.budget)
+    return 0
+
+
+def _print_estimate(console: Console, est: MemoryEstimate) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kbitprep._estimate import format_bytes
+
+    title = (
+        f"{est.model}: {est.quantization}, {est.batch_size} x {est.seq_len} tokens, checkpointing "
+        f"{est.checkpointing}, {est.trainable_params:,} trainable parameters, {est.optimizer}, on {est.device}"
+    )
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("part")
+    table.add_column("size", justify="right")
+    table.add_column("bytes", justify="right")
+    rows = est.rows()
+    for label, n in rows[:-1]:
+        table.add_row(escape(label), format_bytes(n), f"{n:,}")
+    label, n = rows[-1]
+    table.add_row(f"[bold]{escape(label)}[/]", f"[bold]{format_bytes(n)}[/]", f"[bold]{n:,}[/]", end_section=True)
+    console.print(table)
+    at_peak = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.live_at_peak.items())
+    console.print(f"[bold]At the peak:[/] {escape(at_peak)}", soft_wrap=True)
+    console.print(
+        "Tensor bytes only: add the CUDA context and the allocator's cache (often 0.5-1 GiB) for the device's total.",
+        soft_wrap=True,
+    )
+    for note in est.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+
+
+def _print_budget(console: Console, rows: list[BudgetRow], budget: int) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kbitprep._estimate import format_bytes
+
+    table = Table(title=f"Against a budget of {format_bytes(budget)}", title_justify="left")
+    table.add_column("options")
+    table.add_column("peak", justify="right")
+    table.add_column("vs budget", justify="right")
+    table.add_column("fits")
+    for r in rows:
+        margin = f"{format_bytes(abs(r.margin_bytes))} {'under' if r.fits else 'over'}"
+        fits = "[green]yes[/]" if r.fits else "[red]no[/]"
+        table.add_row(escape(r.label), format_bytes(r.peak_bytes), margin, fits)
+    console.print(table)
