@@ -27,7 +27,13 @@ Parts (``--only`` picks some; a partial run writes its files only when ``--out``
   checkpointing, interleaved the same way. ``activation_offload=True`` at ``--ckpt-batch-size`` x
   ``--ckpt-seq-len`` (8 x 256), LoRA r=8 q/v on every layer, ``--ckpt-steps`` timed steps; then
   ``checkpoint_every_n_layers=2`` and ``checkpoint_trainable_blocks_only=True`` at the training
-  batch with LoRA on the last ``--last-layers`` layers only, ``--steps`` timed steps.
+  batch with LoRA on the last ``--last-layers`` layers only, ``--steps`` timed steps;
+- ``options`` (issue 16, ``benchmarks/options.py``): keep with bf16 compute (one step of peft,
+  defaults and keep at ``--options-batch-size`` x ``--options-seq-len``: step-1 losses and logits
+  dtypes compared bit for bit, persistent upcast bytes), and the live activation bytes a training
+  forward leaves for the backward with LoRA on the first, a middle and the last block, for every
+  block checkpointed, ``checkpoint_trainable_blocks_only`` and ``checkpoint_every_n_layers=2``;
+  and the per-forward cost of what ``prepare`` installs (``benchmarks/overhead.py``).
 
 A step is forward + backward + AdamW step. Peak RSS is read from the kernel's high-water mark
 (``/proc/self/status`` VmHWM, reset per step through ``/proc/self/clear_refs``); where that is
@@ -68,7 +74,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 KEEP = ("lm_head", "embed_tokens")
 PEFT = "peft 0.21.2"
-PARTS = ("import", "prepare", "training", "checkpointing")
+PARTS = ("import", "prepare", "training", "checkpointing", "options")
 
 
 @dataclass
@@ -824,6 +830,115 @@ def part_checkpointing(args: argparse.Namespace, rows: list[Row], nf4: Any, info
     _release(runs)
 
 
+def part_options(args: argparse.Namespace, rows: list[Row], info: dict[str, Any]) -> None:
+    """Issue 16: keep's numerics with bf16 compute, and the activation bytes selective
+    checkpointing leaves for the backward (benchmarks/options.py measures; this makes rows)."""
+    import options
+    import torch
+
+    b, s = args.options_batch_size, args.options_seq_len
+    print(f"keep with bf16 compute (issue 16): one {b}x{s} step each of peft, defaults, keep ...", flush=True)
+    nf4_bf16 = load_nf4(torch.bfloat16)
+    batch = make_batches(1, s, b, seed=3)[0]
+    res = options.keep_numerics(nf4_bf16, {n: PREPARERS[n] for n in ("peft", "kbitprep", "keep")}, batch)
+    info["keep_bf16_compute"] = res
+    del nf4_bf16
+    _trim_heap()
+    peft, kb, keep = res["peft"], res["kbitprep"], res["keep"]
+    where = f"bf16 compute, {b}x{s}"
+    same_dtype = keep["logits_dtype"] == kb["logits_dtype"] == peft["logits_dtype"]
+    rows.append(
+        Row(
+            f"keep vs defaults: step-1 loss, {where}",
+            keep["loss"],
+            kb["loss"],
+            "",
+            "bit-exact",
+            baseline="kbitprep defaults",
+        )
+    )
+    rows.append(Row(f"keep vs peft: step-1 loss, {where}", keep["loss"], peft["loss"], "", "bit-exact"))
+    rows.append(
+        Row(
+            f"keep: logits dtype as peft's, {where}",
+            float(same_dtype),
+            1.0,
+            "count",
+            "bit-exact",
+            note=f"keep {keep['logits_dtype']}, defaults {kb['logits_dtype']}, peft {peft['logits_dtype']}",
+        )
+    )
+    rows.append(
+        Row(
+            f"keep: persistent upcast bytes, {where}",
+            float(keep["upcast_bytes"]),
+            float(peft["upcast_bytes"]),
+            "bytes",
+            "<= 0.05",
+            note=f"lm_head stored {keep['lm_head_dtype']} (peft: {peft['lm_head_dtype']})",
+        )
+    )
+
+    import overhead
+
+    print("per-forward overhead of what prepare installs (issue 16) ...", flush=True)
+    cost = overhead.measure(args.overhead_repeats)
+    info["per_forward_overhead"] = cost
+    _trim_heap()
+    rows.append(
+        Row(
+            "keep: installed cost per 1-token forward (eval, generate step)",
+            cost["installed_s"],
+            cost["forward_1tok_eval_s"],
+            "s",
+            "<= 0.005",
+            baseline="1-token forward, SmolLM2 nf4",
+            note=f"adoption hook {cost['hook_s'] * 1e6:.1f} us + registration hooks {cost['registration_hooks_s'] * 1e6:.1f} us",
+        )
+    )
+    rows.append(
+        Row(
+            "keep: installed cost per 1-token forward (train)",
+            cost["installed_s"],
+            cost["forward_1tok_train_s"],
+            "s",
+            "<= 0.005",
+            baseline="1-token forward, SmolLM2 nf4",
+            note=f"walks in 3 train forwards + 16-token generate: {cost['walks_by_hook_in_3_train_forwards_and_16_token_generate']}; "
+            f"one walk (paid every forward before): {cost['walk_s'] * 1e3:.2f} ms",
+        )
+    )
+
+    positions = {"first": 0, "middle": 15, "last": 29}
+    layouts = {
+        "all blocks": kbit_prepare(),
+        "trainable blocks only": kbit_prepare(checkpoint_trainable_blocks_only=True),
+        "every 2nd block": kbit_prepare(checkpoint_every_n_layers=2),
+    }
+    b, s = args.batch_size, args.seq_len
+    print(f"saved activation bytes (issue 16): LoRA on one block, {b}x{s}, three layouts ...", flush=True)
+    batch = make_batches(1, s, b, seed=4)[0]
+    saved = options.saved_bytes(nf4_fp32 := load_nf4(getattr(torch, args.compute_dtype)), layouts, positions, batch)
+    del nf4_fp32
+    _trim_heap()
+    info["saved_activation_bytes"] = saved
+    for where_, by_layout in saved.items():
+        base = by_layout["all blocks"]
+        for name in ("trainable blocks only", "every 2nd block"):
+            target = "<= 1.0" if name == "trainable blocks only" else ""
+            rows.append(
+                Row(
+                    f"{name}: activation bytes kept for the backward, LoRA on the {where_} block, {b}x{s}",
+                    float(by_layout[name]),
+                    float(base),
+                    "bytes",
+                    target,
+                    baseline="every block checkpointed",
+                    note="live tensor bytes after the forward (TorchDispatchMode tracker), not RSS",
+                )
+            )
+
+
 # -- output --------------------------------------------------------------------------------------
 
 
@@ -916,6 +1031,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=3,
         help="timed steps per model of the offload / every-n comparison after 1 warm-up; default 3",
     )
+    parser.add_argument("--options-seq-len", type=int, default=64, help="bf16-compute keep step (issue 16); default 64")
+    parser.add_argument("--options-batch-size", type=int, default=2)
+    parser.add_argument("--overhead-repeats", type=int, default=30, help="1-token forwards per overhead timing")
     parser.add_argument("--ckpt-seq-len", type=int, default=256)
     parser.add_argument("--ckpt-batch-size", type=int, default=8)
     parser.add_argument(
@@ -991,6 +1109,8 @@ def main(argv: list[str] | None = None) -> int:
         part_training(args, rows, nf4, info)
     if "checkpointing" in parts:
         part_checkpointing(args, rows, nf4, info)
+    if "options" in parts:
+        part_options(args, rows, info)
 
     minutes = (time.perf_counter() - started) / 60
     title = (
