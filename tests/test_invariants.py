@@ -243,3 +243,31 @@ def test_the_matrix_loads_what_it_names(model_root: str) -> None:
         head: Any = model.get_output_embeddings()
         assert isinstance(head, nn.Module)
         assert head.weight is model.get_input_embeddings().weight
+
+
+def test_keep_is_bit_identical_for_a_real_sized_vocabulary(model_root: str) -> None:
+    """The kept lm_head's input gradient is one product over the whole weight, as autograd's for
+    a Linear stored at the compute dtype: with more output rows than any chunk size (here 9000,
+    over the 8192-row chunks an earlier version summed), LoRA gradients stay bit-identical."""
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from _fixtures import bnb4_config, load, tiny_llama
+
+    path = Path(model_root) / "tiny-vocab9000"
+    if not (path / "config.json").exists():
+        tiny_llama(torch.bfloat16, vocab_size=9000).save_pretrained(path)  # type: ignore[operator]
+    grads = []
+    for keep in ((), ("lm_head",)):
+        model = load(str(path), quantization_config=bnb4_config(bnb_4bit_compute_dtype=torch.float32))
+        kbitprep.prepare(model, keep_in_low_precision=keep)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        peft_model.train()
+        ids = torch.randint(0, 9000, (2, 16), generator=torch.Generator().manual_seed(0))
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert grad is not None and torch.equal(grad, grads[1][name]), name

@@ -42,7 +42,6 @@ __all__ = ["ComputeSpec", "apply_precision", "spec_of"]
 
 _SPEC = "_kbitprep_compute"
 _ORIGINAL = "_kbitprep_original_class"
-_CHUNK_ROWS = 8192  # rows of a weight brought up at once in the backward of an upcast Linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +77,9 @@ class _UpcastLinear(torch.autograd.Function):
 
     The forward brings the whole weight up once, so the result is bit-identical to a Linear
     stored in the compute dtype (bf16 → fp32 is exact), and frees it at once; only the stored
-    weight is kept for the backward, which brings it up again in row chunks of
-    ``_CHUNK_ROWS`` (at most 8192 × in_features elements at a time).
+    weight is kept for the backward, which brings it up again for one product, the one autograd
+    computes for a Linear stored in the compute dtype, so the input gradient is bit-identical too
+    (a transient copy of the weight in the compute dtype while it runs).
     """
 
     @staticmethod
@@ -96,11 +96,10 @@ class _UpcastLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            acc = torch.zeros(g2.shape[0], weight.shape[1], dtype=ctx.dtype, device=grad.device)
-            for start in range(0, weight.shape[0], _CHUNK_ROWS):
-                stop = start + _CHUNK_ROWS
-                acc.addmm_(g2[:, start:stop], weight[start:stop].to(ctx.dtype))
-            grad_x = acc.reshape(*grad.shape[:-1], weight.shape[1])
+            # one product over the whole weight, as autograd computes it for a Linear stored in
+            # the compute dtype: summing row chunks would reorder the reduction over the output
+            # features and change the last bits once there are more rows than one chunk
+            grad_x = grad.matmul(weight.to(ctx.dtype))
         if ctx.needs_input_grad[1] and x is not None:
             grad_w = (g2.t() @ x.reshape(-1, x.shape[-1]).to(ctx.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
