@@ -89,6 +89,8 @@ def tests_transformers4(session: nox.Session) -> None:
         "--ignore=tests/test_trainer.py",
         "--ignore=tests/test_sft.py",
         "--ignore=tests/test_cli.py",
+        # kbitprep.estimate traces a step with transformers 5's quantizer and checkpointing API (issue 18)
+        "--ignore=tests/test_estimate.py",
         "-W",
         TORCHAO_4X_WARNING,
         *session.posargs,

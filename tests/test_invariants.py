@@ -33,7 +33,10 @@ from hypothesis import given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
+from _fixtures import transformers_major  # noqa: E402
 from _matrix import ARCHS, QUANTS, load_matrix_model  # noqa: E402
+
+TRANSFORMERS5 = transformers_major() >= 5
 
 TIED = ("qwen2", "gemma2")
 FEATURES = ("input_features", "pixel_values")  # the one floating input of Whisper / Llava
@@ -195,7 +198,12 @@ PEFT_INIT = "peft initialises a LoRA adapter on a kept unquantized layer in the 
 PARENT_READS_CHILD = "T5's feed-forward casts its input to its kept child's stored dtype"
 KNOWN_GAPS: dict[tuple[str, str], str] = {
     **{(arch, "bf16"): PEFT_INIT for arch in ("llama", "qwen2", "llava", "whisper", "classifier")},
-    **{("t5", quant): PARENT_READS_CHILD for quant in ("nf4-fp32", "nf4-bf16", "bf16")},
+    # on transformers 4.57 the nf4 T5 encoder keep holds (seen in the tests_transformers4 session)
+    **{
+        ("t5", quant): PARENT_READS_CHILD
+        for quant in ("nf4-fp32", "nf4-bf16", "bf16")
+        if TRANSFORMERS5 or quant == "bf16"
+    },
 }
 
 
