@@ -21,6 +21,11 @@ from torch import nn
 
 import kbitprep
 from _fixtures import add_lora, bnb4_config, grad_counts, load, plan_compute_dtype, saved_tiny, standard_step
+from _matrix import _ids
+from _matrix import _llava_batch as _batch_llava
+from _matrix import _lm_batch as _batch_lm
+from _matrix import _t5_batch as _batch_t5
+from _matrix import _whisper_batch as _batch_whisper
 from kbitprep._compute import spec_of
 
 pytest.importorskip("bitsandbytes")
@@ -96,31 +101,6 @@ def llama(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
 
 
 # family -> (builder, LoRA targets, keep pattern, output module, batch builder)
-def _ids(n: int, seq: int) -> torch.Tensor:
-    return torch.randint(1, 999, (n, seq), generator=torch.Generator().manual_seed(0))
-
-
-def _batch_lm(features: torch.dtype) -> dict[str, torch.Tensor]:
-    ids = _ids(2, 12)
-    return {"input_ids": ids, "labels": ids}
-
-
-def _batch_t5(features: torch.dtype) -> dict[str, torch.Tensor]:
-    return {"input_ids": _ids(2, 12), "labels": _ids(2, 8)}
-
-
-def _batch_whisper(features: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"input_features": torch.randn(2, 80, 128, generator=g).to(features), "labels": _ids(2, 8)}
-
-
-def _batch_llava(features: torch.dtype) -> dict[str, torch.Tensor]:
-    ids = _ids(2, 20)
-    ids[:, 2:18] = 999  # 16 image tokens, as image_seq_length
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=g).to(features), "labels": ids}
-
-
 FAMILIES: dict[str, tuple[Callable[..., nn.Module], list[str], tuple[str, ...], str, Callable[..., Any]]] = {
     "decoder-only": (llama, ["q_proj", "v_proj"], ("lm_head", "embed_tokens"), "lm_head", _batch_lm),
     "encoder-decoder": (t5, ["q", "v"], ("lm_head", "shared"), "lm_head", _batch_t5),
