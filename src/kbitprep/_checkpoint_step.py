@@ -2,7 +2,7 @@
 
 ``use_reentrant`` is always explicit: the caller's, else ``False``, else what the distributed
 engine requires. Whatever transformers' own enabling call installs for training to work is
-kept and reported, never removed (C18's kind); kbitprep adds the input-grad hook reentrant
+kept and reported, never removed; kbitprep adds the input-grad hook reentrant
 checkpointing needs where the call adds none.
 """
 
@@ -194,5 +194,5 @@ def apply_checkpointing(model: nn.Module, base: nn.Module, p: PreparationPlan, l
     if p.gradient_checkpointing and (p.checkpoint_trainable_blocks_only or p.checkpoint_every_n_layers != 1):
         _hf.install_selective(base, log.add)
     # a Trainer / SFTTrainer enabling checkpointing or input grads again adds no second hook, and
-    # checkpointing turned on later still gets the input-grad wiring (C11)
+    # checkpointing turned on later still gets the input-grad wiring
     _hf.guard_checkpointing(base, kwargs, log.add)

@@ -176,7 +176,7 @@ def _safe_input_embeddings(module: nn.Module) -> nn.Module | None:
         return None
     try:
         found = module.get_input_embeddings()  # type: ignore[operator]
-    except Exception:  # custom-code models raise NotImplementedError and worse (C10)
+    except Exception:  # custom-code models raise NotImplementedError and worse
         return None
     return found if isinstance(found, nn.Module) else None
 
@@ -185,8 +185,8 @@ def entry_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules whose outputs feed checkpointed blocks: each sub-model's input embeddings.
 
     Every submodule that exposes ``get_input_embeddings`` (a vision tower, an audio tower, the
-    text model) contributes its own (C09). When none answers (missing, raising or returning
-    None, C10), the first ``nn.Embedding`` is used; an empty list means there is none.
+    text model) contributes its own. When none answers (missing, raising or returning
+    None), the first ``nn.Embedding`` is used; an empty list means there is none.
     """
     names = {id(m): n for n, m in model.named_modules()}
     found: dict[int, tuple[str, nn.Module]] = {}

@@ -150,7 +150,7 @@ def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
     if not ckpt.is_enabled(self):
         # turned on after prepare (a trainer, or the user): adapters must still get gradients
-        # whatever the call order (C11); transformers 4.57 adds no input-grad hook here
+        # whatever the call order; transformers 4.57 adds no input-grad hook here
         result = original(*args, **kwargs)
         if ckpt.current_use_reentrant(self) or ckpt.enable_installs_input_grads(self):
             _ensure_entry_hooks(self, state)
@@ -188,7 +188,7 @@ def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def _absorb(model: nn.Module, state: _GuardState, current: Mapping[str, Any]) -> None:
     """An enable call answered without re-enabling: still leave what the call itself would
-    have installed for training to work (transformers 5's input-grad hook, C18)."""
+    have installed for training to work (transformers 5's input-grad hook)."""
     state.absorbed_enable += 1
     if current.get("use_reentrant") or ckpt.enable_installs_input_grads(model):
         _ensure_entry_hooks(model, state)
@@ -196,7 +196,7 @@ def _absorb(model: nn.Module, state: _GuardState, current: Mapping[str, Any]) ->
 
 
 def _ensure_entry_hooks(model: nn.Module, state: _GuardState) -> None:
-    # reentrant checkpointing needs the embeddings' output to require grad (C08); transformers'
+    # reentrant checkpointing needs the embeddings' output to require grad; transformers'
     # enable adds it only when main_input_name is "input_ids"
     for _name, module in ckpt.entry_modules(model):
         if not ckpt.has_input_grad_hook(module):

@@ -424,7 +424,7 @@ def _label_without_storage(model: nn.Module, name: str) -> str | None:
     """The ``none`` verdict's reason when a quantization label has no storage behind it.
 
     The quantizer, ``quantization_config`` and legacy attributes are evidence, not the verdict
-    (issue 12, case C19): transformers keeps ``hf_quantizer`` and the config on a model it
+    (issue 12): transformers keeps ``hf_quantizer`` and the config on a model it
     loaded dequantized (``Mxfp4Config(dequantize=True)``; an FP8 checkpoint on a CPU), whose
     parameters are all ordinary floats. Asks the claiming strategy's ``find_storage``.
     """

@@ -84,7 +84,7 @@ def mark_trainable(model: nn.Module) -> TrainabilityOverride:
     which refuses any model whose ``hf_quantizer.is_trainable`` is False. For torchao that flag is
     decided by the config's bit width (``TorchAoHfQuantizer.is_trainable`` is True only for 8-bit
     configs), so ``IntxWeightOnlyConfig(weight_dtype=torch.int4)`` is refused although LoRA on it
-    receives gradients (case C16). This function asks kbitprep's strategy first: only when its
+    receives gradients. This function asks kbitprep's strategy first: only when its
     ``check_trainable`` passes (for torchao, a train-mode probe of every quantized layer with a
     grad-requiring input) does it make ``model.hf_quantizer.is_trainable`` read True, by giving
     that quantizer object a subclass of its own class that overrides only ``is_trainable``.

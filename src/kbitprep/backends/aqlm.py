@@ -51,7 +51,7 @@ def _uses_cpu_numba_kernel(module: nn.Module) -> bool:
 
     ``aqlm.inference_kernels.get_forward_pass_kernel`` picks ``numba_gemm_lut`` for codebooks
     on CPU with 256 entries and ``out_group_size == 1``; its first forward permutes ``codes`` in
-    place and there is no working backward (C17).
+    place and there is no working backward.
     """
     codebooks = getattr(module, "codebooks", None)
     if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 4:
@@ -86,7 +86,7 @@ class AqlmBackend(QuantBackend):
     quantized is read from the modules present, never from the config's
     ``linear_weights_not_to_quantize`` list: transformers 5.24 matches that list against module
     names, so the hub form ``"lm_head.weight"`` excludes nothing and ``lm_head`` becomes an
-    AQLM layer whose codes were never loaded (C17 b). The list is used only to warn.
+    AQLM layer whose codes were never loaded. The list is used only to warn.
 
     Trainability depends on the kernel path: 1x16 codebooks use the differentiable pure-torch
     dequantize-matmul on CPU; 8-bit codebooks (2x8, 1x8) use a forward-only numba kernel on CPU

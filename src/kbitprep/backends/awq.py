@@ -5,10 +5,10 @@ An AWQ GEMM layer keeps its weight in buffers: ``qweight`` int32 ``(in, out·bit
 4-bit codes per int32, AWQ's interleaved order), ``qzeros`` int32 ``(in/group, out·bits/32)`` and
 ``scales`` fp16/bf16 ``(in/group, out)`` (gptqmodel 7.6.0 ``AWQuantLinear``; the same names in
 autoawq 0.2). The layer dequantizes into its input's dtype (``TorchAtenAwqLinear``) or the
-``scales`` dtype, so nothing is upcast under ``upcast="auto"``, as for GPTQ (case C05).
+``scales`` dtype, so nothing is upcast under ``upcast="auto"``, as for GPTQ.
 
 gptqmodel's CPU kernels ``TorchAtenAwqLinear`` and ``TorchFusedAwqLinear`` choose a mode on their
-first forward, exactly like the GPTQ kernels of case C14: an eval-mode forward whose input does
+first forward, exactly like the GPTQ kernels: an eval-mode forward whose input does
 not require grad repacks the weight for ``aten._weight_int4pack_mm_for_cpu`` under
 ``torch.no_grad`` and sets ``linear_mode="inference"`` for good; any other first forward sets
 ``"train"``. ``AwqTorchLinear`` (``AwqConfig(backend="torch_awq")``) has no such mode.
@@ -85,7 +85,7 @@ class AwqBackend(QuantBackend):
     autoawq on transformers 4; auto-round's ``auto_awq`` export is one of them).
 
     Nothing is upcast under ``upcast="auto"`` and the quantized buffers are never touched. The
-    kernel-mode latch of gptqmodel's CPU AWQ kernels is guarded as for GPTQ (case C14):
+    kernel-mode latch of gptqmodel's CPU AWQ kernels is guarded as for GPTQ:
     :meth:`before_training` pins every layer that has not chosen a mode to ``"train"``, and
     :meth:`check_trainable` refuses layers an earlier eval forward already latched.
     """

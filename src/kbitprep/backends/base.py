@@ -155,7 +155,7 @@ class QuantBackend(abc.ABC):
 
         :func:`kbitprep.detect_backend` asks this of the strategy a quantizer label points to:
         a label with no storage behind it (gpt-oss loaded with ``Mxfp4Config(dequantize=True)``,
-        an FP8 checkpoint transformers dequantized on a CPU) is an unquantized model (C19).
+        an FP8 checkpoint transformers dequantized on a CPU) is an unquantized model.
         Default: :func:`find_storage` with this strategy's :meth:`is_quantized_param`.
         Override when the storage lives in float buffers the rule cannot name.
         """
@@ -298,7 +298,7 @@ def _holds_primary_storage(module: nn.Module) -> bool:
 
 def is_storage_tensor(name: str, tensor: torch.Tensor, module: nn.Module) -> bool:
     """Whether ``tensor`` (a parameter or buffer named ``name``, owned by ``module``) is
-    quantized storage under the rule every backend shares (issue 12, case C19).
+    quantized storage under the rule every backend shares.
 
     Storage is:
 
@@ -357,8 +357,8 @@ def find_storage(
 def is_wrapper_subclass(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a tensor subclass other than plain ``Tensor`` / ``nn.Parameter``.
 
-    torchao's quantized tensors report a float dtype (C07) and bitsandbytes' ``Params4bit`` may
-    be stored as bf16 (C06); neither may be treated as an ordinary float parameter.
+    torchao's quantized tensors report a float dtype and bitsandbytes' ``Params4bit`` may
+    be stored as bf16; neither may be treated as an ordinary float parameter.
     """
     return type(tensor) not in (torch.Tensor, nn.Parameter) or hasattr(tensor, "__tensor_flatten__")
 

@@ -57,7 +57,7 @@ class BitsAndBytesBackend(QuantBackend):
     Upcast policy (``upcast="auto"``) is peft 0.21's: every fp16/bf16 parameter that is not
     quantized storage goes to ``upcast_dtype``. ``Params4bit`` and ``Int8Params`` are storage
     whatever their dtype: a 4-bit weight stored as bf16 for FSDP (``bnb_4bit_quant_storage``)
-    holds packed bytes, not numbers (C06). The layers cast their inputs to the compute dtype
+    holds packed bytes, not numbers. The layers cast their inputs to the compute dtype
     themselves, so no input casts are needed around them.
     """
 
@@ -135,7 +135,7 @@ class BitsAndBytesBackend(QuantBackend):
         return param.dtype in (torch.float16, torch.bfloat16)
 
     def before_training(self, model: nn.Module) -> UndoFn | None:
-        """Undo and disable bitsandbytes' CPU inference repack of 4-bit weights (C13).
+        """Undo and disable bitsandbytes' CPU inference repack of 4-bit weights.
 
         On a CPU with AVX512-BF16, one eval-mode no-grad forward of ``Linear4bit`` (bitsandbytes
         0.50) converts its weight for good into a packed CPU layout whose matmul has no autograd

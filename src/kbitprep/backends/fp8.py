@@ -18,7 +18,7 @@ around it train, the FP8 weights stay frozen. ``FbgemmFp8Linear`` (``quant_metho
 ``torch.ops.fbgemm.f8f8bf16_rowwise``, which has no backward (its quantizer's ``is_trainable``
 is False). Neither layer is built by transformers on a CPU: a pre-quantized FP8 checkpoint loads
 dequantized to bf16 there (``validate_environment`` sets ``dequantize=True``), which kbitprep
-treats as the unquantized model it then is (case C19).
+treats as the unquantized model it then is.
 """
 
 from __future__ import annotations

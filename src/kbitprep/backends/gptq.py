@@ -92,15 +92,15 @@ class GptqBackend(QuantBackend):
     """Strategy for GPTQ models (gptqmodel on transformers 5, auto-gptq on transformers 4).
 
     Nothing is upcast under ``upcast="auto"``: the GPTQ kernels compute in the dtype of their
-    ``scales`` (fp16 or bf16), and fp32 activations from upcast norms break them (peft PR #771,
-    case C05). The quantized tensors are buffers and are never touched.
+    ``scales`` (fp16 or bf16), and fp32 activations from upcast norms break them (peft PR
+    #771). The quantized tensors are buffers and are never touched.
 
     gptqmodel's CPU kernels (``TorchAtenLinear``, ``TorchFusedLinear``) choose their mode on the
     first forward and keep it: an eval-mode forward whose input does not require grad repacks
     the weight for an int4 CPU matmul that runs under ``torch.no_grad`` and sets
     ``linear_mode="inference"``; any other first forward sets ``"train"`` (gptqmodel 7.6.0
     ``TorchAtenLinear.forward``). An inference-mode layer drops every gradient through it, so
-    adapters before it silently stop training (C14). :meth:`before_training` pins every layer
+    adapters before it silently stop training. :meth:`before_training` pins every layer
     that has not chosen yet to ``"train"``; :meth:`check_trainable` refuses layers already latched.
     """
 

@@ -47,7 +47,7 @@ class HqqBackend(QuantBackend):
     ``HqqConfig``, or ``HQQLinear`` swapped in by hand).
 
     Nothing is ever upcast under ``upcast="auto"``: ``HQQLinear`` multiplies its input by the
-    dequantized weight in ``compute_dtype`` and fails on any other input dtype (C15). When the
+    dequantized weight in ``compute_dtype`` and fails on any other input dtype. When the
     caller upcasts anyway, each layer's inputs are cast to its compute dtype.
 
     Two mismatches are reported in ``plan.warnings`` before a forward can fail: a model flagged

@@ -69,7 +69,7 @@ def _packed_experts(model: nn.Module) -> list[str]:
 
 class Mxfp4Backend(QuantBackend):
     """Strategy for gpt-oss MXFP4 models: packed FP4 experts are refused with the reason; a model
-    loaded with ``Mxfp4Config(dequantize=True)`` holds no MXFP4 storage and is ``none`` (C19).
+    loaded with ``Mxfp4Config(dequantize=True)`` holds no MXFP4 storage and is ``none``.
     """
 
     name: ClassVar[str] = "mxfp4"

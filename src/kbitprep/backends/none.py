@@ -16,8 +16,8 @@ class NoQuantBackend(QuantBackend):
     """Strategy for a model no quantization method touched.
 
     As in peft 0.21: fp16/bf16 parameters are upcast (the plan and a warning state the bytes
-    added, C01), and gradient checkpointing is left as the model has it (PEFT documents that it
-    enables checkpointing only for quantized models, C11).
+    added), and gradient checkpointing is left as the model has it (PEFT documents that it
+    enables checkpointing only for quantized models).
     """
 
     name: ClassVar[str] = "none"

@@ -29,9 +29,9 @@ class TorchAoBackend(QuantBackend):
     """Strategy for torchao tensor-subclass quantization.
 
     The quantized weights are tensor subclasses (``Int8Tensor``, ``IntxUnpackedToInt8Tensor``)
-    that report a float dtype but hold int8 ``qdata`` with scales (C07): they are storage,
+    that report a float dtype but hold int8 ``qdata`` with scales: they are storage,
     never cast. Nothing is upcast under ``upcast="auto"``. Trainability is decided per layer
-    from what carries a gradient (C16): dynamic activation quantization cuts the autograd graph
+    from what carries a gradient: dynamic activation quantization cuts the autograd graph
     (``NotTrainableError``), while intx weight-only trains although transformers 5 marks it
     ``is_trainable=False``.
     """

@@ -186,7 +186,7 @@ def quantization_config(name: str) -> Any:
     ``IntxWeightOnlyConfig(int4, PerGroup(32))``, the int4 torchao config that runs on CPU
     (``Int4WeightOnlyConfig`` needs CUDA in torchao 0.18).
     """
-    # torchao's CPU int4 choice: ../shared/BACKENDS.md §5.4
+    # torchao's CPU int4 choice (measured on this project's CPU)
     if name not in QUANTIZATIONS:
         raise DemoSetupError(f"Unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}.")
     if name == "none":

@@ -80,7 +80,7 @@ def _load_and_prepare(run: _Run, model_dir: Path, held: torch.Tensor) -> tuple[n
 
     # The "loss before" is an inference call (eval mode, no grad) on the quantized model before
     # prepare, the order a user runs. On a CPU with AVX512-BF16 it makes bitsandbytes repack its
-    # 4-bit weights into an inference-only layout (../shared/cases C13); prepare must undo that,
+    # 4-bit weights into an inference-only layout; prepare must undo that,
     # and the gradient check after the first step proves it did.
     before = result.loss_before = mean_loss(model, held, options.batch_size)
     if not math.isfinite(before):
