@@ -351,11 +351,14 @@ def test_loaded_and_peft_models(model_root: str, llama_nf4: tuple[Measured, Memo
     assert kbitprep.estimate(peft_model, batch_size=BATCH, seq_len=SHORT, device="cpu").peak_bytes == expected
 
 
-def test_plan_refuses_meta_model(model_root: str) -> None:
-    """plan() needs no data but refuses meta parameters today (prepare needs data); estimate
-    runs kbitprep's planner steps on its meta copy instead."""
+def test_plan_accepts_the_meta_model_prepare_refuses_it(model_root: str) -> None:
+    """plan() reads shapes only, so the meta model from config.json plans as the loaded one;
+    prepare needs data."""
+    meta = _meta(model_root, "llama", "bf16")
+    loaded = _load(model_root, "llama", "bf16")
+    assert kbitprep.plan(meta).to_dict() == kbitprep.plan(loaded).to_dict()
     with pytest.raises(kbitprep.InvalidModelError, match="meta device"):
-        kbitprep.plan(_meta(model_root, "llama", "bf16"))
+        kbitprep.prepare(meta)
 
 
 def test_result_renders(llama_nf4: tuple[Measured, MemoryEstimate]) -> None:

@@ -53,15 +53,21 @@ def _validate_model(model: object) -> nn.Module:
             f"Expected a torch.nn.Module (e.g. the model from AutoModelForCausalLM.from_pretrained); "
             f"got {type(model).__name__}. Pass the model object, not its name or state dict."
         )
+    return model
+
+
+def _require_data(model: nn.Module) -> None:
+    """``prepare`` changes parameters, so every one must hold data; ``plan`` reads shapes and
+    dtypes only and accepts meta-device parameters."""
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if meta:
         raise InvalidModelError(
             f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]!r}), so they hold no "
             "data to freeze or cast. Load the weights first (from_pretrained without "
             "low_cpu_mem_usage tricks, or load_state_dict(..., assign=True)), or, for device_map "
-            "offloading, keep the offloaded modules off the meta device."
+            "offloading, keep the offloaded modules off the meta device. kbitprep.plan and "
+            "kbitprep.estimate accept a meta-device model."
         )
-    return model
 
 
 def _resolve_backend(base: nn.Module, name: str) -> tuple[QuantBackend, str, list[str]]:
@@ -220,7 +226,10 @@ def plan(
     touched, no forward is run, and no parameter storage is allocated.
 
     Args:
-        model: Quantized model on any device; a ``peft.PeftModel`` is looked through.
+        model: Quantized model on any device; a ``peft.PeftModel`` is looked through. Its
+            parameters may be on the meta device (a model built from a config with
+            ``with torch.device("meta")``): the plan reads shapes and dtypes only, so its byte
+            counts are those the loaded model will have. Only :func:`prepare` needs data.
         use_gradient_checkpointing: Turn gradient (activation) checkpointing on. Default True, as
             peft 0.21; the unquantized backend leaves it as the model has it, as peft does.
         gradient_checkpointing_kwargs: Passed to ``torch.utils.checkpoint.checkpoint``;
@@ -258,7 +267,7 @@ def plan(
         The plan. Byte counts are in bytes; a tied parameter counts once.
 
     Raises:
-        InvalidModelError: ``model`` is not an ``nn.Module`` or has meta-device parameters.
+        InvalidModelError: ``model`` is not an ``nn.Module``.
         InvalidArgumentError: An option has the wrong type or value, options conflict, or a
             ``keep_in_low_precision`` pattern matches nothing (the message names the closest
             names).
@@ -319,9 +328,11 @@ def prepare(
         The report (the plan as applied) with :meth:`PreparationReport.undo`.
 
     Raises:
+        InvalidModelError: A parameter is on the meta device (it holds no data to change).
         Everything :func:`plan` raises, before anything is changed. Should an apply step fail
         unexpectedly, what was already done is undone before the error propagates.
     """
+    _require_data(_validate_model(model))
     p = plan(model, use_gradient_checkpointing, gradient_checkpointing_kwargs, **options)
     log = _apply(model, p)
     for w in p.warnings:

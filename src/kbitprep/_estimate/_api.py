@@ -246,15 +246,14 @@ def _meta_model(model: nn.Module, quantization_config: Any) -> tuple[nn.Module, 
 
 
 def _prepare_meta(work: nn.Module, use_gc: Any, gc_kwargs: Any, options: dict[str, Any]) -> Any:
-    """kbitprep's own plan and apply steps on the meta copy (``plan`` itself refuses meta
-    parameters, since ``prepare`` needs data; the steps only read shapes and dtypes)."""
-    from kbitprep._options import parse_options
-    from kbitprep._prepare import _apply, _assemble
+    """kbitprep's own plan (which accepts a meta-device model) and apply steps on the meta copy
+    (``prepare`` refuses meta parameters, since it needs data; the apply steps only change
+    flags, dtypes of meta tensors and hooks)."""
+    from kbitprep._prepare import _apply, plan
 
-    opts = parse_options(use_gc, gc_kwargs, **options)
-    plan = _assemble(work, opts)
-    _apply(work, plan)
-    return plan
+    p = plan(work, use_gc, gc_kwargs, **options)
+    _apply(work, p)
+    return p
 
 
 def _trace(
