@@ -351,6 +351,108 @@ def test_loaded_and_peft_models(model_root: str, llama_nf4: tuple[Measured, Memo
     assert kbitprep.estimate(peft_model, batch_size=BATCH, seq_len=SHORT, device="cpu").peak_bytes == expected
 
 
+# -- GPTQ, AWQ, torchao: estimated from bits and group size / the torchao config ---------------------
+
+
+def _gptq_dir(root: str) -> str:
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from _fixtures import quantize_gptq, saved_tiny
+
+    # the same folder as the backend tests' gptq_dir fixture, so it is quantized once per session
+    return quantize_gptq(saved_tiny(root, "float16"), str(Path(root) / "gptq-4bit-g32"))
+
+
+def _awq_dir(root: str) -> str:
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("auto_round")
+    from _fixtures import quantize_awq, saved_tiny
+
+    return quantize_awq(saved_tiny(root, "float16"), str(Path(root) / "awq-4bit-g32"))
+
+
+def _torchao_config() -> Any:
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def _packed_bytes(model: nn.Module) -> int:
+    """Quantized storage of a loaded model, read off its tensors: the buffers of every layer that
+    holds integer buffers (GPTQ / AWQ) and the inner tensors of torchao's quantized weights, each
+    distinct storage once (gptqmodel's shift tables are views shared by every layer)."""
+    storages: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+
+    for module in model.modules():
+        buffers = list(module.buffers(recurse=False))
+        if any(not b.is_floating_point() for b in buffers):
+            for b in buffers:
+                add(b)
+        for p in module.parameters(recurse=False):
+            if hasattr(type(p), "__tensor_flatten__") and type(p) not in (torch.Tensor, nn.Parameter):
+                names, _ = p.__tensor_flatten__()
+                for n in names:
+                    add(getattr(p, n))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "torchao"])
+def test_gptq_awq_torchao_within_ten_percent(model_root: str, method: str) -> None:
+    """The checkpoint's quantization_config (bits, group size) or a TorchAoConfig is enough: the
+    prediction from the meta model is within 10 % of a real step of the loaded model, and the
+    quantized storage it counts is the loaded model's."""
+    import transformers
+    from peft import get_peft_model
+
+    if method == "torchao":
+        path, dtype, load_config = _saved(model_root, "llama", torch.bfloat16), torch.bfloat16, _torchao_config()
+        est_config = load_config
+    else:
+        path = _gptq_dir(model_root) if method == "gptq" else _awq_dir(model_root)
+        dtype, load_config = torch.float16, None
+        est_config = transformers.AutoConfig.from_pretrained(path).quantization_config
+    extra = {} if load_config is None else {"quantization_config": load_config}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **extra)
+        packed = _packed_bytes(model)
+        kbitprep.prepare(model)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, _lora("llama"))
+        opt = make_optimizer(trainable(peft_model), "adamw")
+        batch = example_batch(peft_model, BATCH, SHORT)
+        train_step(peft_model, batch, opt)
+        real = measure_step(peft_model, batch, opt)
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
+    est = kbitprep.estimate(
+        meta, batch_size=BATCH, seq_len=SHORT, adapter=_lora("llama"), quantization_config=est_config, device="cpu"
+    )
+    assert packed > 0 and est.quantized_bytes == packed
+    assert abs(est.peak_bytes / real.peak - 1) <= TOLERANCE, (est.peak_bytes, real.peak)
+    assert est.peak_at == real.peak_at
+    assert est.quantization.lower().startswith(method)
+
+
+def test_unsupported_torchao_mapping_is_refused(model_root: str) -> None:
+    pytest.importorskip("torchao")
+    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    qc = TorchAoConfig(FqnToConfig({"model.layers.0.self_attn.q_proj": Int8WeightOnlyConfig()}))
+    with pytest.raises(kbitprep.InvalidArgumentError, match="FqnToConfig"):
+        kbitprep.estimate(
+            _meta(model_root, "llama", "bf16"), batch_size=1, seq_len=8, quantization_config=qc, device="cpu"
+        )
+
+
 def test_plan_accepts_the_meta_model_prepare_refuses_it(model_root: str) -> None:
     """plan() reads shapes only, so the meta model from config.json plans as the loaded one;
     prepare needs data."""
@@ -379,7 +481,7 @@ def test_result_renders(llama_nf4: tuple[Measured, MemoryEstimate]) -> None:
         ({"optimizer": "adam"}, "optimizer must be one of"),
         ({"device": "tpu"}, "device must be one of"),
         ({"adapter": {"r": 8}}, "adapter must be a peft config"),
-        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "says 'gptq'"),
+        ({"quantization_config": {"quant_method": "hqq", "nbits": 4}}, "says 'hqq'"),
         ({"activation_offload": True}, "not modelled"),
         ({"distributed": "fsdp"}, "not modelled"),
         ({"upcast_dtype": torch.int8}, "upcast_dtype must be"),
@@ -437,6 +539,35 @@ def test_cli_json_and_budget(model_root: str, capsys: pytest.CaptureFixture[str]
     assert budget["options"][0]["peak_bytes"] == est["peak_bytes"]
     assert all(row["margin_bytes"] == budget["bytes"] - row["peak_bytes"] for row in budget["options"])
     assert min(row["peak_bytes"] for row in budget["options"]) < est["peak_bytes"]
+
+
+def test_cli_gptq_bits_and_group_size(model_root: str) -> None:
+    """``-q gptq --bits 4 --group-size 32``: 4-bit packed weights, an fp16 scale and a 4-bit zero
+    per group of 32 inputs, and g_idx, for every linear layer of the blocks. Run as a user runs
+    it, in a fresh process: gptqmodel prints to stdout when imported and as it picks kernels, and
+    none of it may reach the JSON."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+        pytest.skip("gptqmodel and optimum are not installed")
+    path = _saved(model_root, "llama", torch.float16)
+    argv = ["estimate", path, "-q", "gptq", "--group-size", "32", "--batch-size", "2", "--seq-len", "32"]
+    # peft 0.21's "all-linear" knows nn.Linear and the bitsandbytes layers only, not gptqmodel's
+    argv += ["--target-modules", "q_proj", "v_proj", "--lora-r", "8", "--device", "cpu", "--json"]
+    done = subprocess.run([sys.executable, "-m", "kbitprep", *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    est = json.loads(done.stdout)["estimate"]
+    assert est["quantization"] == "GPTQ 4-bit, group size 32 (gptqmodel layers)"
+    config = json.loads((Path(path) / "config.json").read_text())
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out): q k v o gate up down
+    per_layer = sum(n_in * n_out // 2 + (n_in // 32) * (n_out // 8) * 4 + (n_in // 32) * n_out * 2 + n_in * 4
+                    for n_in, n_out in shapes)  # fmt: skip
+    # plus gptqmodel's two int32 shift tables of 8 values per layer, views shared between layers
+    # (the real model's count, sharing included, is checked in test_gptq_awq_torchao_within_ten_percent)
+    shift_tables = 2 * 8 * 4
+    assert layers * per_layer < est["quantized_bytes"] <= layers * (per_layer + 7 * shift_tables)
 
 
 def test_cli_bad_budget(model_root: str, capsys: pytest.CaptureFixture[str]) -> None:

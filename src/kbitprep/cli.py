@@ -125,8 +125,11 @@ def _add_estimate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "-q",
         choices=ESTIMATE_QUANTIZATIONS,
         default="none",
-        help="bitsandbytes quantization to load with (default: none, i.e. as the config says; unquantized if it says nothing)",
+        help="quantization to load with: bitsandbytes nf4/fp4/int8, gptq/awq (--bits, --group-size), "
+        "torchao-int8 (default: none, i.e. as the config says; unquantized if it says nothing)",
     )
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="bits of gptq/awq (default: 4)")
+    p.add_argument("--group-size", type=int, default=128, help="group size of gptq/awq (default: 128)")
     p.add_argument(
         "--compute-dtype",
         choices=("bfloat16", "float16", "float32"),
@@ -463,6 +466,24 @@ def _print_result(console: Console, result: DemoResult) -> None:
         f"parameter bytes {result.bytes_before:,} → {result.bytes_after:,} around prepare"
     )
     console.print(f"Wall time {result.seconds:.1f} s, peak RSS {_mib(result.peak_rss_bytes)}")
+    console.print(_escape(_peak_line(result)), soft_wrap=True)
+
+
+def _peak_line(result: DemoResult) -> str:
+    """The predicted and measured peak of live tensors over a training step, with their ratio."""
+    from kbitprep._estimate import format_bytes
+
+    predicted, measured = result.predicted_peak_bytes, result.measured_peak_bytes
+    parts = [
+        f"predicted {format_bytes(predicted)}"
+        if predicted is not None
+        else f"not predicted ({result.predicted_peak_note})",
+        f"measured {format_bytes(measured)}" if measured is not None else f"not measured ({result.measured_peak_note})",
+    ]
+    line = "Peak of live tensors over a training step: " + ", ".join(parts)
+    if predicted is not None and measured:
+        line += f" ({predicted / measured:.3f}x)"
+    return line
 
 
 def _write_json(console: Console, result: DemoResult, path: str | None) -> None:
@@ -490,7 +511,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     _quiet_transformers()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_meta_model(args.config, dtype)
-    quantization = quantization_config(args.quantization, getattr(torch, args.compute_dtype))
+    quantization = quantization_config(
+        args.quantization, getattr(torch, args.compute_dtype), bits=args.bits, group_size=args.group_size
+    )
     if not args.no_gradient_checkpointing:
         checkpoint_unquantized(model, quantization, args.checkpoint_every_n_layers)
     adapter = LoraConfig(
@@ -517,8 +540,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         device=args.device,
         options=options,
     )
-    est = request.run()
-    rows = budget_rows(request, est, args.budget) if args.budget is not None else None
+    # third-party libraries print to stdout while the model is built and traced (gptqmodel's banner
+    # and kernel choices); stdout carries only this command's table or JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        est = request.run()
+        rows = budget_rows(request, est, args.budget) if args.budget is not None else None
     if args.json:
         data: dict[str, object] = {"config": str(args.config), "estimate": est.to_dict()}
         if rows is not None:

@@ -86,8 +86,13 @@ def _quiet() -> Iterator[None]:
 
 
 def _describe_quantization(qc: Any) -> str:
-    if qc is None:
+    method = _build.method_of(qc)
+    if method is None:
         return "unquantized"
+    if method in ("gptq", "awq"):
+        return f"{method.upper()} {qc.bits}-bit, group size {qc.group_size} (gptqmodel layers)"
+    if method == "torchao":
+        return f"torchao {type(qc.get_apply_tensor_subclass()).__name__}"
     if qc.load_in_8bit:
         return f"bitsandbytes LLM.int8 (threshold {qc.llm_int8_threshold:g})"
     dq = ", double quant" if qc.bnb_4bit_use_double_quant else ""
@@ -157,8 +162,11 @@ def estimate(
             peft's ``LoraConfig()`` defaults (r=8, the architecture's default target modules).
         optimizer: ``"adamw"`` (``torch.optim.AdamW``), ``"adamw_8bit"``
             (``bitsandbytes.optim.AdamW8bit``) or ``"sgd"`` (no state).
-        quantization_config: A transformers ``BitsAndBytesConfig`` or its dict (4-bit nf4/fp4 with
-            compute dtype and double quantization, or ``load_in_8bit``). None: the model config's
+        quantization_config: A transformers quantization config or its dict:
+            ``BitsAndBytesConfig`` (4-bit nf4/fp4 with compute dtype and double quantization, or
+            ``load_in_8bit``), ``GPTQConfig`` / ``AwqConfig`` (bits and group size; the gptqmodel
+            layers a pre-quantized checkpoint loads into), or ``TorchAoConfig`` with one config
+            for every linear layer (e.g. ``Int8WeightOnlyConfig()``). None: the model config's
             ``quantization_config``, else the model is estimated unquantized.
         device: The device type to predict for: ``"cuda"`` (default) or ``"cpu"``. It picks the
             attention kernel PyTorch would (flash / memory-efficient / math) and bitsandbytes'
@@ -175,11 +183,12 @@ def estimate(
         InvalidModelError: ``model`` is not an ``nn.Module``.
         InvalidArgumentError: ``batch_size`` / ``seq_len`` not positive ints, an unknown
             ``optimizer`` or ``device``, an ``adapter`` that is not a peft config (or that peft
-            cannot attach), a ``quantization_config`` that is not bitsandbytes, an unknown or
+            cannot attach), a ``quantization_config`` of another method, an unknown or
             unmodelled option (``distributed``, ``activation_offload``), or an invalid option value
             (as :func:`kbitprep.plan` raises it).
-        BackendUnavailableError: transformers, peft or (for bitsandbytes quantization and
-            ``adamw_8bit``) bitsandbytes is not installed.
+        BackendUnavailableError: transformers, peft or the quantization's library is not
+            installed (bitsandbytes for bitsandbytes and ``adamw_8bit``, gptqmodel (and optimum)
+            for GPTQ / AWQ, torchao).
         NotTrainableError: The backend says adapters on this model cannot train.
     """
     if not isinstance(model, nn.Module):
@@ -240,8 +249,11 @@ def _meta_model(model: nn.Module, quantization_config: Any) -> tuple[nn.Module, 
     described = quantization_config
     if described is None:
         described = getattr(getattr(unwrap_model(model), "config", None), "quantization_config", None)
-    if _build.bnb_config(described) is not None:  # raises first for a method that is not bitsandbytes
-        _require("bitsandbytes", "pip install 'kbitprep[bnb]'")
+    method = _build.method_of(described)  # raises first for a method the estimate does not build
+    if method is not None:
+        _require(*_build.METHODS[method])
+        if method == "gptq":
+            _require("optimum", "pip install optimum")
     return _build.meta_working_copy(model, quantization_config)
 
 

@@ -7,8 +7,10 @@ quantization state lives on the meta device, with the shape and dtype the loaded
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,43 +39,83 @@ STATES = "optimizer states"
 
 # -- quantization config ----------------------------------------------------------------------
 
+# the quantization methods the estimate builds on the meta device, and the library each needs
+METHODS = {
+    "bitsandbytes": ("bitsandbytes", "pip install 'kbitprep[bnb]'"),
+    "gptq": ("gptqmodel", "pip install gptqmodel optimum"),
+    "awq": ("gptqmodel", "pip install gptqmodel"),
+    "torchao": ("torchao", "pip install torchao"),
+}
 
-def bnb_config(quantization_config: Any) -> Any | None:
-    """``quantization_config`` (a transformers ``BitsAndBytesConfig`` or its dict form, or None)
-    as a ``BitsAndBytesConfig``; None for an unquantized model.
+
+def _method(qc: Any) -> str:
+    raw = qc.get("quant_method", "") if isinstance(qc, Mapping) else getattr(qc, "quant_method", "")
+    return str(getattr(raw, "value", raw))  # transformers' QuantizationMethod is a str Enum
+
+
+def method_of(quantization_config: Any) -> str | None:
+    """The quantization method a config describes (``"bitsandbytes"``, ``"gptq"``, ``"awq"``,
+    ``"torchao"``), None for no config.
 
     Raises:
-        InvalidArgumentError: Another quantization method, or neither 4-bit nor 8-bit.
+        InvalidArgumentError: A method the estimate does not build.
     """
     if quantization_config is None:
         return None
-    from transformers import BitsAndBytesConfig
+    method = _method(quantization_config)
+    if isinstance(quantization_config, Mapping) and not method:
+        method = "bitsandbytes"  # a bare {"load_in_4bit": True, ...}
+    method = "bitsandbytes" if "bitsandbytes" in method else method
+    if method not in METHODS:
+        raise InvalidArgumentError(_unsupported_method(method or type(quantization_config).__name__))
+    return method
 
+
+def transformers_config(quantization_config: Any) -> Any | None:
+    """``quantization_config`` (a transformers quantization config or its dict form, or None) as
+    the transformers config object; None for an unquantized model.
+
+    Raises:
+        InvalidArgumentError: A method the estimate does not build, a ``BitsAndBytesConfig`` with
+            neither 4-bit nor 8-bit set, or a torchao config that maps names to configs.
+    """
+    method = method_of(quantization_config)
+    if method is None:
+        return None
     qc = quantization_config
     if isinstance(qc, Mapping):
-        raw = qc.get("quant_method", "bitsandbytes")
-        method = str(getattr(raw, "value", raw))  # transformers' QuantizationMethod is a str Enum
-        if "bitsandbytes" not in method:
-            raise InvalidArgumentError(_unsupported_method(method))
-        qc = BitsAndBytesConfig.from_dict(dict(qc))  # type: ignore[no-untyped-call]
-    raw = getattr(qc, "quant_method", "")
-    method = str(getattr(raw, "value", raw))
-    if not isinstance(qc, BitsAndBytesConfig):
-        raise InvalidArgumentError(_unsupported_method(method or type(qc).__name__))
-    if not (qc.load_in_4bit or qc.load_in_8bit):
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        data = dict(qc)
+        data.setdefault("quant_method", "bitsandbytes")
+        qc = AutoQuantizationConfig.from_dict(data)
+    if method == "bitsandbytes" and not (qc.load_in_4bit or qc.load_in_8bit):
         raise InvalidArgumentError(
             "quantization_config is a BitsAndBytesConfig with neither load_in_4bit nor load_in_8bit set; "
             "set one (e.g. BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')) or pass "
             "quantization_config=None for an unquantized model."
         )
+    if method == "torchao" and type(qc.get_apply_tensor_subclass()).__name__ == "FqnToConfig":
+        raise InvalidArgumentError(
+            "kbitprep.estimate builds a torchao quantization with one config for every linear layer; this "
+            "TorchAoConfig maps module names to configs (FqnToConfig). Pass the config most layers get, e.g. "
+            "TorchAoConfig(Int8WeightOnlyConfig())."
+        )
     return qc
+
+
+def bnb_config(quantization_config: Any) -> Any | None:
+    """The ``BitsAndBytesConfig`` of ``quantization_config``, None when it is not bitsandbytes."""
+    qc = transformers_config(quantization_config)
+    return qc if method_of(qc) == "bitsandbytes" else None
 
 
 def _unsupported_method(method: str) -> str:
     return (
-        f"kbitprep.estimate models bitsandbytes 4-bit (nf4/fp4) and 8-bit (LLM.int8) quantization and "
-        f"unquantized models; the quantization_config says {method!r}. Pass a BitsAndBytesConfig (or its "
-        "dict), or quantization_config=None to estimate the unquantized model."
+        f"kbitprep.estimate models bitsandbytes 4-bit (nf4/fp4) and 8-bit (LLM.int8), GPTQ and AWQ (gptqmodel "
+        f"layers), torchao weight quantization and unquantized models; the quantization_config says {method!r}. "
+        "Pass one of BitsAndBytesConfig, GPTQConfig, AwqConfig, TorchAoConfig (or its dict), or "
+        "quantization_config=None to estimate the unquantized model."
     )
 
 
@@ -105,21 +147,28 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 def meta_working_copy(model: nn.Module, quantization_config: Any) -> tuple[nn.Module, Any | None]:
     """A meta-device copy of ``model`` (a deep copy when it is on the meta device already, else
     rebuilt from its config), quantized as ``quantization_config`` says, as transformers 5.24
-    ``from_pretrained`` would quantize it (its own ``Bnb4BitHfQuantizer`` / ``Bnb8BitHfQuantizer``
-    chooses the layers; bitsandbytes packs each weight on the meta device).
+    ``from_pretrained`` would quantize it: its own quantizer chooses the layers. bitsandbytes
+    packs each weight on the meta device; GPTQ and AWQ get the gptqmodel layers a pre-quantized
+    checkpoint loads into (their packed buffers on the meta device); torchao's ``quantize_``
+    builds its tensor subclass from the meta weight.
 
     Returns:
-        ``(copy, config)``: ``config`` is the ``BitsAndBytesConfig`` applied, or None.
+        ``(copy, config)``: ``config`` is the transformers quantization config applied, or None.
     """
     base = unwrap_model(model)
     config = getattr(base, "config", None)
     if quantization_config is None and config is not None:
         quantization_config = getattr(config, "quantization_config", None)
-    qc = bnb_config(quantization_config)
+    qc = transformers_config(quantization_config)
     dtype = _float_dtype(base)
     work = copy.deepcopy(base) if _is_meta(base) else _rebuild(base, dtype)
-    if qc is not None:
+    method = method_of(qc)
+    if method == "bitsandbytes":
         _quantize(work, qc, dtype)
+    elif method in ("gptq", "awq"):
+        _quantize_gptqmodel(work, qc, dtype)
+    elif method == "torchao":
+        _quantize_torchao(work, qc, dtype)
     return work, qc
 
 
@@ -153,6 +202,39 @@ def _quantize(work: nn.Module, qc: Any, dtype: torch.dtype) -> None:
             _pack_4bit(module, dtype)
         elif isinstance(module, bnb.nn.Linear8bitLt):
             _pack_8bit(module, dtype)
+    quantizer.postprocess_model(work)
+    work.hf_quantizer = quantizer  # type: ignore[assignment]
+
+
+def _quantize_gptqmodel(work: nn.Module, qc: Any, dtype: torch.dtype) -> None:
+    """The layers a pre-quantized GPTQ / AWQ checkpoint loads into: transformers' quantizer
+    (through optimum for GPTQ) swaps each linear layer it would quantize for the gptqmodel layer
+    its kernel selection picks, with ``qweight`` / ``qzeros`` / ``scales`` (and GPTQ's ``g_idx``)
+    buffers of the packed shapes, here on the meta device."""
+    quantizers: Any = importlib.import_module("transformers.quantizers")
+
+    # gptqmodel prints a banner and its kernel choices to stdout; they are not the caller's output
+    # (``kbitprep estimate --json`` writes JSON there)
+    with contextlib.redirect_stdout(sys.stderr), torch.device("meta"):
+        quantizer = quantizers.AutoHfQuantizer.from_config(qc, pre_quantized=True)
+        quantizer.preprocess_model(work, device_map={"": "cpu"}, dtype=dtype)
+        quantizer.postprocess_model(work)
+    work.hf_quantizer = quantizer  # type: ignore[assignment]
+
+
+def _quantize_torchao(work: nn.Module, qc: Any, dtype: torch.dtype) -> None:
+    """torchao's ``quantize_`` on every weight transformers' ``TorchAoHfQuantizer`` would
+    quantize at load (the linear layers outside ``modules_to_not_convert``; lm_head stays)."""
+    quantizers: Any = importlib.import_module("transformers.quantizers")
+    quantization: Any = importlib.import_module("torchao.quantization")
+
+    quantizer = quantizers.AutoHfQuantizer.from_config(qc, pre_quantized=False)
+    quantizer.preprocess_model(work, device_map={"": "cpu"}, dtype=dtype)
+    config = qc.get_apply_tensor_subclass()
+    names = [n for n, _ in work.named_parameters() if quantizer.param_needs_quantization(work, n)]
+    for name in names:
+        module = work.get_submodule(name.rpartition(".")[0])
+        quantization.quantize_(module, config)
     quantizer.postprocess_model(work)
     work.hf_quantizer = quantizer  # type: ignore[assignment]
 
@@ -362,7 +444,25 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 
 
 def _is_storage(p: torch.Tensor) -> bool:
-    return not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params")
+    return not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params") or _is_subclass(p)
+
+
+def _is_subclass(t: torch.Tensor) -> bool:
+    """A traceable tensor subclass (torchao's quantized tensors) whose data are inner tensors."""
+    return hasattr(type(t), "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter)
+
+
+def leaves(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: ``t`` itself, or the inner tensors of a traceable
+    subclass (``qdata``, ``scale``, ... of torchao's ``Int8Tensor``)."""
+    if not _is_subclass(t):
+        yield t
+        return
+    names, _ctx = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    for name in names:
+        inner = getattr(t, name)
+        if isinstance(inner, torch.Tensor):
+            yield from leaves(inner)
 
 
 def resident_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, list[torch.Tensor]]:
@@ -375,14 +475,17 @@ def resident_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
             if p.requires_grad:
                 kinds[ADAPTERS].append(p)
             elif _is_storage(p):
-                kinds[QUANTIZED].append(p)
+                kinds[QUANTIZED].extend(leaves(p))
                 kinds[QUANTIZED].extend(_tensors_in(getattr(p, "quant_state", None)))
                 for attr in ("CB", "SCB"):
                     kinds[QUANTIZED].extend(_tensors_in(getattr(p, attr, None)))
             else:
                 kinds[WEIGHTS].append(p)
-        for b in module.buffers(recurse=False):
-            kinds[WEIGHTS].append(b)
+        buffers = list(module.buffers(recurse=False))
+        # a layer holding integer buffers keeps its quantized storage in buffers (GPTQ / AWQ
+        # qweight, qzeros, g_idx, with their fp16 scales)
+        packed = any(not b.is_floating_point() for b in buffers)
+        kinds[QUANTIZED if packed else WEIGHTS].extend(buffers)
         for attr in ("quant_state", "state"):
             value = getattr(module, attr, None)
             if type(value).__name__ in ("QuantState", "MatmulLtState"):

@@ -26,7 +26,7 @@ __all__ = [
     "quantization_config",
 ]
 
-QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+QUANTIZATIONS = ("nf4", "fp4", "int8", "gptq", "awq", "torchao-int8", "none")
 _UNITS = {
     "": 1, "b": 1,
     "k": 2**10, "kib": 2**10, "kb": 10**3,
@@ -104,13 +104,32 @@ def load_meta_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     return model  # type: ignore[no-any-return]
 
 
-def quantization_config(name: str, compute_dtype: torch.dtype) -> Any:
-    """The ``BitsAndBytesConfig`` of a ``--quantization`` choice (double quantization for the
-    4-bit types, as the demo), or None for ``none`` (the config's own, if any)."""
+def quantization_config(name: str, compute_dtype: torch.dtype, bits: int = 4, group_size: int = 128) -> Any:
+    """The transformers quantization config of a ``--quantization`` choice, or None for ``none``
+    (the config's own, if any): ``nf4`` / ``fp4`` (double quantization, as the demo) and
+    ``int8`` (LLM.int8) as ``BitsAndBytesConfig``; ``gptq`` / ``awq`` with ``bits`` and
+    ``group_size``; ``torchao-int8`` as ``TorchAoConfig(Int8WeightOnlyConfig())``.
+
+    Raises:
+        InvalidArgumentError: An unknown choice.
+    """
     if name not in QUANTIZATIONS:
         raise InvalidArgumentError(f"quantization must be one of {list(QUANTIZATIONS)}; got {name!r}.")
     if name == "none":
         return None
+    if name == "gptq":
+        from transformers import GPTQConfig
+
+        return GPTQConfig(bits=bits, group_size=group_size, desc_act=False, sym=True)  # type: ignore[no-untyped-call]
+    if name == "awq":
+        from transformers import AwqConfig
+
+        return AwqConfig(bits=bits, group_size=group_size)  # type: ignore[no-untyped-call]
+    if name == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())  # type: ignore[no-untyped-call]
     from transformers import BitsAndBytesConfig
 
     if name == "int8":
