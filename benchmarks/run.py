@@ -1,11 +1,14 @@
 """kbitprep against peft 0.21.2's ``prepare_model_for_kbit_training``, side by side in one process.
 
-Usage: ``python benchmarks/run.py [--steps N] [--ckpt-steps N] [--only PART ...]`` (``nox -s bench``
-runs it with the defaults). It prints a table (kbitprep / baseline ratios, each target met or
-missed) and writes ``benchmarks/results.json`` (one object per metric), ``benchmarks/results.png``
-and ``benchmarks/run-info.json`` (settings, every step's loss, time and RSS, the plans' decisions).
+Usage: ``python benchmarks/run.py [--steps N] [--ckpt-steps N] [--only PART ...] [--out DIR] [--merge]``
+(``nox -s bench`` runs it with the defaults). It prints a table (kbitprep / baseline ratios, each
+target met or missed) and writes ``benchmarks/results.json`` (one object per metric, tagged with
+its part), ``benchmarks/results.png`` and ``benchmarks/run-info.json`` (settings, every step's
+loss, time and RSS, each tracked step's live tensor peak, the plans' decisions).
 
-Parts (``--only`` picks some; a partial run writes its files only when ``--out`` is given):
+Parts (``--only`` picks some; a partial run writes its files only when ``--out`` is given, and
+with ``--merge`` its rows replace the same parts' rows of the results.json already in ``--out``,
+default ``benchmarks/``, the other rows kept in place):
 
 - ``import``: ``import kbitprep`` against ``import torch`` and ``import peft``, each in a fresh
   interpreter, interleaved, median of ``--import-repeats``;
@@ -20,14 +23,20 @@ Parts (``--only`` picks some; a partial run writes its files only when ``--out``
   batch, same LoRA initialisation: torch seeded before each ``get_peft_model``) is the warm-up and
   gives the losses compared bit for bit; the next ``--steps`` steps are timed. Step-time ratio =
   median over rounds of (variant's step / peft's step in the same round), so that load from
-  other processes falls on both alike. Peak RSS over a step = peak RSS during the step minus RSS
-  just before it (freed heap handed back with ``malloc_trim`` first), median over the timed
-  steps. Persistent upcast bytes = parameter bytes after prepare minus before;
+  other processes falls on both alike. Then one more round, untimed, runs each model's step
+  under the live-tensor tracker (``kbitprep._estimate.measure_step``: a ``TorchDispatchMode``
+  seeded with every tensor alive before the step, weights, quantization state, adapters,
+  optimizer states and the batch): peak live tensor bytes over a step = the most bytes of live
+  tensor storages at any point of that step, the memory rows' measure. Secondary, allocator-
+  dependent: peak RSS over a step = peak RSS during a timed step minus RSS just before it (freed
+  heap handed back with ``malloc_trim`` first), median over the timed steps. Persistent upcast
+  bytes = parameter bytes after prepare minus before;
 - ``checkpointing`` (issue 13): kbitprep's checkpointing options against its all-layer
   checkpointing, interleaved the same way. ``activation_offload=True`` at ``--ckpt-batch-size`` x
   ``--ckpt-seq-len`` (8 x 256), LoRA r=8 q/v on every layer, ``--ckpt-steps`` timed steps; then
   ``checkpoint_every_n_layers=2`` and ``checkpoint_trainable_blocks_only=True`` at the training
-  batch with LoRA on the last ``--last-layers`` layers only, ``--steps`` timed steps;
+  batch with LoRA on the last ``--last-layers`` layers only, ``--steps`` timed steps; memory as in
+  ``training`` (one tracked step per model, RSS secondary);
 - ``options`` (issue 16, ``benchmarks/options.py``): keep with bf16 compute (one step of peft,
   defaults and keep at ``--options-batch-size`` x ``--options-seq-len``: step-1 losses and logits
   dtypes compared bit for bit, persistent upcast bytes), and the live activation bytes a training
@@ -35,7 +44,8 @@ Parts (``--only`` picks some; a partial run writes its files only when ``--out``
   block checkpointed, ``checkpoint_trainable_blocks_only`` and ``checkpoint_every_n_layers=2``;
   and the per-forward cost of what ``prepare`` installs (``benchmarks/overhead.py``).
 
-A step is forward + backward + AdamW step. Peak RSS is read from the kernel's high-water mark
+A step is forward + backward + AdamW step. The tracker slows a step down, so no timed step runs
+under it. Peak RSS is read from the kernel's high-water mark
 (``/proc/self/status`` VmHWM, reset per step through ``/proc/self/clear_refs``); where that is
 not available a thread samples RSS every 0.5 ms instead. The training and checkpointing parts run
 torch on ``--threads`` threads (default 1): on a shared 2-core machine two threads slow down
@@ -95,6 +105,7 @@ class Row:
     note: str = ""
     ratio_value: float | None = None  # when the ratio is not kbitprep / peft (median of per-step ratios)
     interval: tuple[float, float, float] | None = None  # (low, high, coverage) of that median
+    part: str = ""  # the part of the run that made the row (set by main)
 
     @property
     def ratio(self) -> float | None:
@@ -150,6 +161,7 @@ class Row:
             "note": note or None,
             "detail": how or None,
             "ratio_interval": None if self.interval is None else [round(x, 4) for x in self.interval],
+            "part": self.part or None,
         }
 
 
@@ -405,6 +417,7 @@ class Trained:
     cpu_seconds: list[float] = field(default_factory=list)
     rss_growth: list[int] = field(default_factory=list)
     checkpointed: int | None = None
+    live: dict[str, Any] = field(default_factory=dict)  # the tracked step (live_step)
 
 
 def _plan_summary(report: Any) -> dict[str, Any]:
@@ -473,19 +486,46 @@ def step(run: Trained, batch: Any) -> None:
     run.losses.append(float(loss))
 
 
+def live_step(run: Trained, batch: Any) -> None:
+    """One more training step under the live-tensor tracker (``kbitprep._estimate.measure_step``:
+    seeded with every tensor alive before the step, then the step with its phases named). Not
+    timed: the tracker sees every operator call and slows the step down. The loss is not kept."""
+    from kbitprep._estimate import measure_step
+
+    _trim_heap()
+    t = time.perf_counter()
+    tracker = measure_step(run.model, {"input_ids": batch, "labels": batch}, run.opt)
+    run.live = {
+        "peak_bytes": int(tracker.peak),
+        "start_bytes": int(tracker.phases[0].start),  # live before the step: everything seeded
+        "peak_at": tracker.peak_at,
+        "at_peak_mb": {k: round(v / 1e6, 2) for k, v in tracker.live_at_peak.items() if v},
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+    del tracker
+    _trim_heap()
+
+
 def train_interleaved(source: Any, variants: list[Variant], batches: list[Any], label: str) -> dict[str, Trained]:
     """Build every variant from ``source``, then step them in turn on the same batches: the
-    first round is the warm-up (its losses are the step-1 losses), the rest are timed."""
+    first round is the warm-up (its losses are the step-1 losses), the next ``len(batches) - 2``
+    are timed, and on the last batch each model takes one untimed step under the live-tensor
+    tracker (:func:`live_step`)."""
     runs = {v.name: build(source, v) for v in variants}
     names = list(runs)
-    for i, batch in enumerate(batches):
+    *stepped, tracked = batches
+    for i, batch in enumerate(stepped):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             step(runs[name], batch)
             if i == 0:
                 runs[name].checkpointed = _checkpointed_blocks(runs[name].model)
         shown = ", ".join(f"{n} {runs[n].seconds[-1]:.1f}s/{runs[n].rss_growth[-1] / 1e6:.0f}MB" for n in names)
-        print(f"  {label} step {i + 1}/{len(batches)}{' (warm-up)' if i == 0 else ''}: {shown}", flush=True)
+        print(f"  {label} step {i + 1}/{len(stepped)}{' (warm-up)' if i == 0 else ''}: {shown}", flush=True)
+    for name in names:
+        live_step(runs[name], tracked)
+    shown = ", ".join(f"{n} {runs[n].live['peak_bytes'] / 1e6:.1f}MB ({runs[n].live['seconds']:.0f}s)" for n in names)
+    print(f"  {label} tracked step, peak live tensor bytes: {shown}", flush=True)
     return runs
 
 
@@ -507,6 +547,26 @@ def timed(run: Trained) -> float:
 
 def rss_step(run: Trained) -> float:
     return median([float(x) for x in run.rss_growth[1:]])
+
+
+def live_peak(run: Trained) -> float:
+    """Peak of live tensor bytes over the tracked step (everything resident included)."""
+    return float(run.live["peak_bytes"])
+
+
+def live_added(run: Trained) -> float:
+    """Peak of live tensor bytes over the tracked step minus the live bytes before it."""
+    return float(run.live["peak_bytes"] - run.live["start_bytes"])
+
+
+def live_note(run: Trained, base: Trained) -> str:
+    return (
+        f"tracker seeded with every tensor alive before the step; live before it {run.live['start_bytes'] / 1e6:.1f} MB "
+        f"vs {base.live['start_bytes'] / 1e6:.1f} MB; peak in '{run.live['peak_at']}' vs '{base.live['peak_at']}'"
+    )
+
+
+RSS_NOTE = "allocator-dependent (glibc heap holes), not a target; peak RSS during a timed step minus RSS just before it"
 
 
 def make_batches(n: int, seq_len: int, batch_size: int, seed: int) -> list[Any]:
@@ -533,6 +593,7 @@ def run_record(runs: dict[str, Trained]) -> dict[str, Any]:
             "step_seconds": [round(x, 4) for x in r.seconds],
             "step_cpu_seconds": [round(x, 4) for x in r.cpu_seconds],
             "step_rss_growth_mb": [round(x / 1e6, 1) for x in r.rss_growth],
+            "tracked_step": r.live,
             "upcast_bytes": r.upcast_bytes,
             "checkpointed_blocks_at_step_1": r.checkpointed,
             "plan": r.plan,
@@ -581,12 +642,12 @@ def part_prepare(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dict
 
 def part_training(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dict[str, Any]) -> None:
     print(
-        f"LoRA training (issue 11): {args.steps} timed steps + 1 warm-up of {args.batch_size}x{args.seq_len} "
-        "tokens, five models stepped in turn ...",
+        f"LoRA training (issue 11): {args.steps} timed steps + 1 warm-up + 1 tracked of {args.batch_size}x"
+        f"{args.seq_len} tokens, five models stepped in turn ...",
         flush=True,
     )
     variants = [Variant(n, PREPARERS[n]) for n in ("peft", "kbitprep", "keep", "none", "keep reentrant")]
-    batches = make_batches(args.steps + 1, args.seq_len, args.batch_size, seed=0)
+    batches = make_batches(args.steps + 2, args.seq_len, args.batch_size, seed=0)
     runs = train_interleaved(nf4, variants, batches, "training")
     info["training"] = run_record(runs)
     peft, kb, keep, none, keep_re = (runs[n] for n in ("peft", "kbitprep", "keep", "none", "keep reentrant"))
@@ -633,13 +694,15 @@ def part_training(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dic
     )
     rows.append(
         Row(
-            "defaults: peak RSS over a step",
-            rss_step(kb),
-            rss_step(peft),
+            "defaults: peak live tensor bytes over a step",
+            live_peak(kb),
+            live_peak(peft),
             "bytes",
-            note=f"use_reentrant: kbitprep {kb.plan.get('use_reentrant')}, peft True (torch's default)",
+            note=f"use_reentrant: kbitprep {kb.plan.get('use_reentrant')}, peft True (torch's default); "
+            + live_note(kb, peft),
         )
     )
+    rows.append(Row("defaults: peak RSS over a step (secondary)", rss_step(kb), rss_step(peft), "bytes", note=RSS_NOTE))
 
     rows.append(
         Row(
@@ -669,31 +732,68 @@ def part_training(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dic
     )
     rows.append(
         Row(
-            "keep lm_head+embed: peak RSS over a step",
-            rss_step(keep),
-            rss_step(peft),
+            "keep lm_head+embed: peak live tensor bytes over a step",
+            live_peak(keep),
+            live_peak(peft),
             "bytes",
             "<= 1.0",
-            note="peak during the step minus RSS just before it",
+            note=live_note(keep, peft),
         )
     )
     rows.append(
         Row(
-            "keep lm_head+embed: peak RSS over a step vs kbitprep defaults",
+            "keep lm_head+embed: peak RSS over a step (secondary)",
+            rss_step(keep),
+            rss_step(peft),
+            "bytes",
+            note=RSS_NOTE,
+        )
+    )
+    rows.append(
+        Row(
+            "keep lm_head+embed: live tensor bytes added over a step",
+            live_added(keep),
+            live_added(peft),
+            "bytes",
+            note="peak of the step minus the live bytes before it (activations, gradients, weights brought up at use)",
+        )
+    )
+    rows.append(
+        Row(
+            "keep lm_head+embed: peak live tensor bytes over a step vs kbitprep defaults",
+            live_peak(keep),
+            live_peak(kb),
+            "bytes",
+            baseline="kbitprep defaults",
+            note="same checkpointing mode (use_reentrant=False); " + live_note(keep, kb),
+        )
+    )
+    rows.append(
+        Row(
+            "keep lm_head+embed: peak RSS over a step vs kbitprep defaults (secondary)",
             rss_step(keep),
             rss_step(kb),
             "bytes",
             baseline="kbitprep defaults",
-            note="same checkpointing mode (use_reentrant=False)",
+            note=RSS_NOTE,
         )
     )
     rows.append(
         Row(
-            "keep lm_head+embed, use_reentrant=True: peak RSS over a step",
+            "keep lm_head+embed, use_reentrant=True: peak live tensor bytes over a step",
+            live_peak(keep_re),
+            live_peak(peft),
+            "bytes",
+            note="diagnostic: peft's checkpointing mode; not a target; " + live_note(keep_re, peft),
+        )
+    )
+    rows.append(
+        Row(
+            "keep lm_head+embed, use_reentrant=True: peak RSS over a step (secondary)",
             rss_step(keep_re),
             rss_step(peft),
             "bytes",
-            note="diagnostic: peft's checkpointing mode; not a target",
+            note="diagnostic; " + RSS_NOTE,
         )
     )
     r, ci, how = step_ratio(runs, "keep reentrant", "peft")
@@ -706,15 +806,6 @@ def part_training(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dic
             ratio_value=r,
             interval=ci,
             note="diagnostic: peft's checkpointing mode; not a target; " + how,
-        )
-    )
-    rows.append(
-        Row(
-            "keep lm_head+embed: param bytes + peak step RSS",
-            keep.upcast_bytes + rss_step(keep) + param_bytes_of(info, "before"),
-            peft.upcast_bytes + rss_step(peft) + param_bytes_of(info, "before"),
-            "bytes",
-            note="parameter bytes after prepare plus the step's RSS growth",
         )
     )
 
@@ -735,22 +826,32 @@ def part_training(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dic
             note=how,
         )
     )
-    rows.append(Row('upcast="none": peak RSS over a step', rss_step(none), rss_step(peft), "bytes"))
+    rows.append(
+        Row(
+            'upcast="none": peak live tensor bytes over a step',
+            live_peak(none),
+            live_peak(peft),
+            "bytes",
+            note=live_note(none, peft),
+        )
+    )
+    rows.append(
+        Row('upcast="none": peak RSS over a step (secondary)', rss_step(none), rss_step(peft), "bytes", note=RSS_NOTE)
+    )
     _release(runs)
-
-
-def param_bytes_of(info: dict[str, Any], key: str) -> int:
-    return int(info["nf4_param_bytes"][key])
 
 
 def part_checkpointing(args: argparse.Namespace, rows: list[Row], nf4: Any, info: dict[str, Any]) -> None:
     b, s = args.ckpt_batch_size, args.ckpt_seq_len
-    print(f"activation offload (issue 13): {args.ckpt_steps} timed steps + 1 warm-up of {b}x{s} tokens ...", flush=True)
+    print(
+        f"activation offload (issue 13): {args.ckpt_steps} timed steps + 1 warm-up + 1 tracked of {b}x{s} tokens ...",
+        flush=True,
+    )
     variants = [
         Variant("without offload", kbit_prepare()),
         Variant("activation_offload=True", kbit_prepare(activation_offload=True)),
     ]
-    runs = train_interleaved(nf4, variants, make_batches(args.ckpt_steps + 1, s, b, seed=1), "offload")
+    runs = train_interleaved(nf4, variants, make_batches(args.ckpt_steps + 2, s, b, seed=1), "offload")
     info["offload"] = run_record(runs)
     base, offload = runs["without offload"], runs["activation_offload=True"]
     applied = offload.plan.get("activation_offload")
@@ -759,12 +860,22 @@ def part_checkpointing(args: argparse.Namespace, rows: list[Row], nf4: Any, info
     base_name = f"without offload, {base.checkpointed} of 30 layers checkpointed"
     rows.append(
         Row(
-            f"activation_offload=True: peak RSS over a {b}x{s} step",
+            f"activation_offload=True: peak live tensor bytes over a {b}x{s} step",
+            live_peak(offload),
+            live_peak(base),
+            "bytes",
+            baseline=base_name,
+            note=f"{decision}; {live_note(offload, base)}",
+        )
+    )
+    rows.append(
+        Row(
+            f"activation_offload=True: peak RSS over a {b}x{s} step (secondary)",
             rss_step(offload),
             rss_step(base),
             "bytes",
             baseline=base_name,
-            note=decision,
+            note=RSS_NOTE,
         )
     )
     r, ci, how = step_ratio(runs, "activation_offload=True", "without offload")
@@ -786,7 +897,7 @@ def part_checkpointing(args: argparse.Namespace, rows: list[Row], nf4: Any, info
     b, s = args.batch_size, args.seq_len
     print(
         f"checkpointing layouts (issue 13): LoRA on the last {args.last_layers} layers, {args.steps} timed steps "
-        f"+ 1 warm-up of {b}x{s} tokens ...",
+        f"+ 1 warm-up + 1 tracked of {b}x{s} tokens ...",
         flush=True,
     )
     variants = [
@@ -794,7 +905,7 @@ def part_checkpointing(args: argparse.Namespace, rows: list[Row], nf4: Any, info
         Variant("every 2nd layer", kbit_prepare(checkpoint_every_n_layers=2), layers=last),
         Variant("trainable blocks only", kbit_prepare(checkpoint_trainable_blocks_only=True), layers=last),
     ]
-    runs = train_interleaved(nf4, variants, make_batches(args.steps + 1, s, b, seed=2), "layouts")
+    runs = train_interleaved(nf4, variants, make_batches(args.steps + 2, s, b, seed=2), "layouts")
     info["layouts"] = run_record(runs)
     base = runs["all layers"]
     base_name = f"all {base.checkpointed} layers checkpointed"
@@ -806,12 +917,22 @@ def part_checkpointing(args: argparse.Namespace, rows: list[Row], nf4: Any, info
         run = runs[name]
         rows.append(
             Row(
-                f"{option}: peak RSS over a {where}",
+                f"{option}: peak live tensor bytes over a {where}",
+                live_peak(run),
+                live_peak(base),
+                "bytes",
+                baseline=base_name,
+                note=f"{run.checkpointed} of 30 layers checkpointed at training time; {live_note(run, base)}",
+            )
+        )
+        rows.append(
+            Row(
+                f"{option}: peak RSS over a {where} (secondary)",
                 rss_step(run),
                 rss_step(base),
                 "bytes",
                 baseline=base_name,
-                note=f"{run.checkpointed} of 30 layers checkpointed at training time",
+                note=RSS_NOTE,
             )
         )
         r, ci, how = step_ratio(runs, name, "all layers")
@@ -976,28 +1097,28 @@ def print_table(rows: list[Row], title: str) -> None:
     Console(width=200).print(table)
 
 
-def plot(rows: list[Row], path: Path, title: str) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The ratios of ``rows`` (results.json's objects) as bars, coloured by verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r.ratio is not None and r.ratio > 0 and r.unit != "count"]
+    def ratio(r: dict[str, Any]) -> float:  # unrounded where it is kbitprep / baseline
+        return float(r["ratio"] if r.get("ratio_interval") or not r["peft"] else r["kbitprep"] / r["peft"])
+
+    shown = [r for r in rows if r["ratio"] is not None and r["ratio"] > 0 and r["unit"] != "count"][::-1]
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(shown) + 1.6))
-    names = [r.name for r in shown][::-1]
-    ratios = [r.ratio or 0.0 for r in shown][::-1]
-    colors = []
-    for r in shown[::-1]:
-        ok, _ = r.verdict()
-        colors.append("#2e7d32" if ok else ("#c62828" if ok is False else "#607d8b"))
-    ax.barh(names, ratios, color=colors)
-    for y, r in enumerate(shown[::-1]):
-        if r.target.startswith("<="):
-            limit = float(r.target[2:].split()[0])
+    colors = ["#2e7d32" if r["met"] else ("#c62828" if r["met"] is False else "#607d8b") for r in shown]
+    ax.barh([r["name"] for r in shown], [ratio(r) for r in shown], color=colors)
+    for y, r in enumerate(shown):
+        target = r.get("target") or ""
+        if target.startswith("<="):
+            limit = float(target[2:].split()[0])
             ax.plot([limit, limit], [y - 0.4, y + 0.4], color="black", linewidth=2)
-        if r.interval is not None:
-            ax.plot([r.interval[0], r.interval[1]], [y, y], color="black", linewidth=0.8)
-        ax.text((r.ratio or 0) * 1.05, y, f"{r.ratio:.3f}x", va="center", fontsize=8)
+        if r.get("ratio_interval"):
+            ax.plot(r["ratio_interval"][:2], [y, y], color="black", linewidth=0.8)
+        ax.text(ratio(r) * 1.05, y, f"{ratio(r):.3f}x", va="center", fontsize=8)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.tick_params(axis="y", labelsize=7)
@@ -1021,7 +1142,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=6,
-        help="timed LoRA steps per model after 1 warm-up, training and selective checkpointing; default 6",
+        help="timed LoRA steps per model after 1 warm-up (then 1 untimed step under the live-tensor tracker), "
+        "training and selective checkpointing; default 6",
     )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -1029,7 +1151,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--ckpt-steps",
         type=int,
         default=3,
-        help="timed steps per model of the offload / every-n comparison after 1 warm-up; default 3",
+        help="timed steps per model of the offload comparison after 1 warm-up (then 1 tracked); default 3",
     )
     parser.add_argument("--options-seq-len", type=int, default=64, help="bf16-compute keep step (issue 16); default 64")
     parser.add_argument("--options-batch-size", type=int, default=2)
@@ -1058,12 +1180,50 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts (files written only with --out)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the output files; default benchmarks/")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: merge the parts' rows into the files in --out (default benchmarks/), replacing "
+        "those parts' earlier rows and keeping the rest",
+    )
     args = parser.parse_args(argv)
-    if args.out is None and args.only is None:
+    if args.out is None and (args.only is None or args.merge):
         args.out = HERE
+    if args.merge and not ((args.out / "results.json").exists() and (args.out / "run-info.json").exists()):
+        parser.error(f"--merge needs results.json and run-info.json in {args.out}")
     if args.steps < 1 or args.ckpt_steps < 1:
         parser.error("--steps and --ckpt-steps must be at least 1")
     return args
+
+
+def merge(
+    out: Path, parts: list[str], results: list[dict[str, Any]], run_info: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Merge a partial run into the files already in ``out``: its rows replace the rows of the
+    same parts (by their ``part`` tag; the new rows go where the first old one of the part was,
+    else at the end), its per-part records replace the same keys of run-info.json, and its title
+    and settings are appended to run-info.json's ``reruns``. Returns the merged results, run info
+    and the chart's title (the full run's)."""
+    old_rows: list[dict[str, Any]] = json.loads((out / "results.json").read_text())
+    old_info: dict[str, Any] = json.loads((out / "run-info.json").read_text())
+    merged: list[dict[str, Any]] = []
+    placed: set[str] = set()
+    for row in old_rows:
+        part = row.get("part")
+        if part in parts:
+            if part not in placed:
+                merged += [r for r in results if r["part"] == part]
+                placed.add(part)
+            continue
+        merged.append(row)
+    merged += [r for r in results if r["part"] not in placed]
+    meta = ("title", "versions", "minutes", "settings")
+    for key, value in run_info.items():
+        if key not in meta:
+            old_info[key] = value
+    old_info.setdefault("reruns", []).append({k: run_info[k] for k in meta})
+    title = str(old_info.get("title", run_info["title"])) + f"; rerun: {', '.join(parts)}"
+    return merged, old_info, title
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1092,25 +1252,38 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     info: dict[str, Any] = {}
 
+    def tag(part: str, first: int) -> None:
+        for row in rows[first:]:
+            row.part = part
+
     if "import" in parts:
         part_import(args, rows)
+        tag("import", 0)
     nf4 = None
     if set(parts) & {"prepare", "training", "checkpointing"}:
         print(f"SmolLM2-135M-Instruct nf4 (compute dtype {args.compute_dtype}): load ...", flush=True)
         nf4 = load_nf4(getattr(torch, args.compute_dtype))
         info["nf4_param_bytes"] = {"before": param_bytes(nf4)}
     if "prepare" in parts:
+        first = len(rows)
         part_prepare(args, rows, nf4, info)
+        tag("prepare", first)
     default_threads = torch.get_num_threads()
     if args.threads and set(parts) & {"training", "checkpointing"}:
         torch.set_num_threads(args.threads)
         print(f"training and checkpointing parts: {torch.get_num_threads()} torch thread(s)", flush=True)
     if "training" in parts:
+        first = len(rows)
         part_training(args, rows, nf4, info)
+        tag("training", first)
     if "checkpointing" in parts:
+        first = len(rows)
         part_checkpointing(args, rows, nf4, info)
+        tag("checkpointing", first)
     if "options" in parts:
+        first = len(rows)
         part_options(args, rows, info)
+        tag("options", first)
 
     minutes = (time.perf_counter() - started) / 60
     title = (
@@ -1129,8 +1302,8 @@ def main(argv: list[str] | None = None) -> int:
         print("partial run (--only): no files written; pass --out DIR to keep them")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
-    run_info = {
+    results = [r.to_dict() for r in rows]
+    run_info: dict[str, Any] = {
         "title": title,
         "versions": versions,
         "minutes": round(minutes, 1),
@@ -1149,8 +1322,11 @@ def main(argv: list[str] | None = None) -> int:
             "lora": "r=8, alpha=16, dropout 0, q_proj+v_proj, AdamW lr 2e-3; torch.manual_seed(0) before each get_peft_model",
             "step": "forward + backward + AdamW step; step 1 is the warm-up, the rest are timed",
             "nf4_compute_dtype": args.compute_dtype,
+            "peak_live_tensor_bytes": "one untimed step per model after the timed ones, under "
+            "kbitprep._estimate.measure_step (TorchDispatchMode storage tracker seeded with every tensor alive "
+            "before the step); the memory rows",
             "peak_rss": peak_rss_method()
-            + " (growth = peak during the step - RSS just before it, after gc + malloc_trim)",
+            + " (growth = peak during the step - RSS just before it, after gc + malloc_trim); secondary rows",
             "cpu_bf16_native": cpu_has_fast_bf16(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpus": os.cpu_count(),
@@ -1159,8 +1335,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         **info,
     }
+    if args.merge:
+        results, run_info, title = merge(args.out, parts, results, run_info)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "run-info.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    plot(rows, args.out / "results.png", title)
+    plot(results, args.out / "results.png", title)
     print(f"wrote results.json, results.png and run-info.json to {args.out} in {minutes:.1f} min")
     assert all(math.isfinite(float(r.kbitprep)) and math.isfinite(float(r.peft)) for r in rows)
     return 0
