@@ -27,8 +27,8 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = "kbitprep"
 
-# Google-style docstrings (STYLE.md §6); attributes as :ivar: so dataclass fields are not
-# described twice
+# the docstrings are Google style (the project's convention); attributes as :ivar: so
+# dataclass fields are not described twice
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True
