@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from kbitprep._distributed import cast_adapters
 from kbitprep._errors import (
+    AdapterWarning,
     BackendUnavailableError,
+    BackendWarning,
+    CheckpointingWarning,
+    DetectionWarning,
+    DistributedWarning,
     DuplicateBackendError,
     InvalidArgumentError,
     InvalidModelError,
     KbitPrepError,
     KbitPrepWarning,
+    MemoryWarning,
     NotShardableError,
     NotTrainableError,
+    PlanWarning,
+    PrecisionWarning,
     UnknownBackendError,
 )
 from kbitprep._estimate import MemoryEstimate, estimate
@@ -43,20 +51,28 @@ from kbitprep.backends.base import QuantBackend
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterWarning",
     "BackendInfo",
     "BackendUnavailableError",
+    "BackendWarning",
     "CastItem",
+    "CheckpointingWarning",
     "Detection",
+    "DetectionWarning",
+    "DistributedWarning",
     "DuplicateBackendError",
     "InvalidArgumentError",
     "InvalidModelError",
     "KbitPrepError",
     "KbitPrepWarning",
     "MemoryEstimate",
+    "MemoryWarning",
     "ModelInput",
     "ModulePrecision",
     "NotShardableError",
     "NotTrainableError",
+    "PlanWarning",
+    "PrecisionWarning",
     "PreparationPlan",
     "PreparationReport",
     "QuantBackend",

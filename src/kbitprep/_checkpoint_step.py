@@ -29,10 +29,11 @@ def _mode(ctx: Context, step: Step) -> tuple[bool, bool | None, bool]:
     gc = opts.use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
     already = ckpt.is_enabled(base)
     if gc and not ckpt.supports(base) and not already:
-        step.warnings.append(
+        step.warn(
+            "checkpointing",
             f"{type(base).__name__} has no gradient checkpointing switch (no activation_checkpointing_enable "
             "/ gradient_checkpointing_enable, or supports_gradient_checkpointing is False); checkpointing "
-            "stays off, so activations use more memory. Pass use_gradient_checkpointing=False to silence this."
+            "stays off, so activations use more memory. Pass use_gradient_checkpointing=False to silence this.",
         )
         return False, None, False
     if gc:
@@ -44,17 +45,19 @@ def _mode(ctx: Context, step: Step) -> tuple[bool, bool | None, bool]:
         )
     if already:
         reentrant = ckpt.current_use_reentrant(base)
-        step.warnings.append(
+        step.warn(
+            "checkpointing",
             f"Gradient checkpointing was already on (use_reentrant={reentrant}) and stays on: kbitprep does "
             "not turn it off. Call model.activation_checkpointing_disable() (gradient_checkpointing_disable "
-            "on transformers 4) before prepare if you want it off."
+            "on transformers 4) before prepare if you want it off.",
         )
         return True, reentrant, True
     if strategy.unquantized and opts.use_gradient_checkpointing:
-        step.warnings.append(
+        step.warn(
+            "checkpointing",
             "Gradient checkpointing left off because the model is not quantized (as peft does). Turn it on "
             "with model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': "
-            "False}) (gradient_checkpointing_enable on transformers 4) if you need it."
+            "False}) (gradient_checkpointing_enable on transformers 4) if you need it.",
         )
     return False, None, False
 
@@ -91,10 +94,11 @@ def _offload(ctx: Context, gc: bool, step: Step) -> bool:
     if not (gc and ctx.options.activation_offload):
         return False
     if all(e.param.device.type == "cpu" for e in ctx.inventory):
-        step.warnings.append(
+        step.warn(
+            "checkpointing",
             "activation_offload=True is not applied: every parameter is on the CPU, so the activations "
             "already live in host memory, and transformers' offload pins host memory, which needs an "
-            "accelerator. Move the model to the accelerator before prepare to offload."
+            "accelerator. Move the model to the accelerator before prepare to offload.",
         )
         return False
     return True
@@ -146,10 +150,11 @@ def plan_checkpointing(ctx: Context) -> Step:
     installs = gc and (bool(reentrant) or ckpt.enable_installs_input_grads(ctx.base))
     hooked = any(ckpt.has_input_grad_hook(m) for _n, m in entries)
     if gc and reentrant and not entries:
-        step.warnings.append(
+        step.warn(
+            "checkpointing",
             "Reentrant checkpointing was requested but the model has no input embedding module "
             "(get_input_embeddings is missing or fails, and there is no nn.Embedding): adapters inside "
-            "checkpointed blocks will get no gradient. Use use_reentrant=False."
+            "checkpointed blocks will get no gradient. Use use_reentrant=False.",
         )
     use_cache = getattr(getattr(ctx.base, "config", None), "use_cache", None)
     kwargs = dict(ctx.options.checkpoint_kwargs)

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from kbitprep._errors import KbitPrepWarning
+from kbitprep._errors import PrecisionWarning
 from kbitprep._plan import CastItem, PreparationPlan, UndoLog
-from kbitprep.backends.base import is_storage_dtype
+from kbitprep._storage import is_storage_dtype
 
 __all__ = ["ComputeSpec", "apply_precision", "spec_of"]
 
@@ -190,7 +190,7 @@ def _warn_if_trainable_low(module: nn.Module, spec: ComputeSpec) -> None:
         "which drops small steps. kbitprep stores a trainable copy at the upcast dtype when it is added (at the "
         "next forward); here, cast it yourself before training (param.data = param.data.float()), or leave the "
         "module out of keep_in_low_precision.",
-        KbitPrepWarning,
+        PrecisionWarning,
         stacklevel=3,
     )
 

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from kbitprep._distributed import DistributedDecision
+from kbitprep._errors import PlanWarning
 from kbitprep._hf import adapter_param_ids
 from kbitprep._options import Options
-from kbitprep.backends.base import QuantBackend, is_storage_dtype
+from kbitprep._storage import is_storage_dtype
+from kbitprep.backends.base import QuantBackend
 
 __all__ = ["Context", "ParamEntry", "Step", "take_inventory"]
 
@@ -81,7 +83,11 @@ class Step:
     """What one step planner returns: its plan fields and its warnings."""
 
     fields: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[PlanWarning] = field(default_factory=list)
+
+    def warn(self, kind: str, message: str) -> None:
+        """Add a warning of ``kind`` (a key of :data:`kbitprep._errors.WARNING_KINDS`)."""
+        self.warnings.append(PlanWarning(kind, message))
 
 
 def take_inventory(model: nn.Module, strategy: QuantBackend) -> tuple[ParamEntry, ...]:

@@ -33,9 +33,10 @@ from typing import Any, Literal, TypeAlias
 import torch
 from torch import nn
 
-from kbitprep._errors import InvalidArgumentError, KbitPrepWarning, NotShardableError
+from kbitprep._errors import AdapterWarning, InvalidArgumentError, NotShardableError
 from kbitprep._hf import adapter_param_ids
-from kbitprep.backends.base import QuantBackend, tensor_nbytes
+from kbitprep._storage import tensor_nbytes
+from kbitprep.backends.base import QuantBackend
 
 __all__ = [
     "DeepSpeedSetup",
@@ -442,7 +443,7 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
         InvalidArgumentError: ``dtype`` is not a floating ``torch.dtype``.
 
     Warns:
-        KbitPrepWarning: No adapter parameter was found (call it after ``get_peft_model``).
+        AdapterWarning: No adapter parameter was found (call it after ``get_peft_model``).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidArgumentError(f"dtype must be a floating torch.dtype such as torch.bfloat16; got {dtype!r}.")
@@ -451,7 +452,7 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
         warnings.warn(
             f"cast_adapters found no adapter parameters on {type(model).__name__}; call it after "
             "attaching adapters (peft.get_peft_model).",
-            KbitPrepWarning,
+            AdapterWarning,
             stacklevel=2,
         )
         return ()

@@ -8,14 +8,23 @@ Messages are full sentences: what was found, what was expected and how to fix it
 from __future__ import annotations
 
 __all__ = [
+    "WARNING_KINDS",
+    "AdapterWarning",
     "BackendUnavailableError",
+    "BackendWarning",
+    "CheckpointingWarning",
+    "DetectionWarning",
+    "DistributedWarning",
     "DuplicateBackendError",
     "InvalidArgumentError",
     "InvalidModelError",
     "KbitPrepError",
     "KbitPrepWarning",
+    "MemoryWarning",
     "NotShardableError",
     "NotTrainableError",
+    "PlanWarning",
+    "PrecisionWarning",
     "UnknownBackendError",
 ]
 
@@ -62,4 +71,89 @@ class InvalidModelError(KbitPrepError, ValueError, TypeError):
 
 
 class KbitPrepWarning(UserWarning):
-    """Category of every warning kbitprep emits (plan warnings, as applied by ``prepare``)."""
+    """Base category of every warning kbitprep emits; each warning has a subclass by kind, so
+    ``warnings.filterwarnings("ignore", category=kbitprep.MemoryWarning)`` silences one kind."""
+
+
+class DetectionWarning(KbitPrepWarning):
+    """Kind ``"detection"``: which backend was chosen is uncertain (another backend also claims
+    the model, or ``backend=`` overrides what was detected)."""
+
+
+class BackendWarning(KbitPrepWarning):
+    """Kind ``"backend"``: what the backend strategy found in the model's layers (kernels, modes,
+    library versions), as its ``plan_warnings`` states it."""
+
+
+class MemoryWarning(KbitPrepWarning):
+    """Kind ``"memory"``: bytes the plan adds or the model holds beyond what its quantization
+    suggests (upcast of an unquantized model, weight matrices left unquantized)."""
+
+
+class PrecisionWarning(KbitPrepWarning):
+    """Kind ``"precision"``: casts and compute dtypes (a ``keep_in_low_precision`` pattern that keeps
+    nothing, an input in another dtype than the module that receives it)."""
+
+
+class AdapterWarning(KbitPrepWarning):
+    """Kind ``"adapters"``: adapters attached before ``prepare``, or trainable copies of kept modules."""
+
+
+class CheckpointingWarning(KbitPrepWarning):
+    """Kind ``"checkpointing"``: gradient checkpointing options that cannot work as asked."""
+
+
+class DistributedWarning(KbitPrepWarning):
+    """Kind ``"distributed"``: a sharded run (FSDP, DeepSpeed ZeRO-3) and what it changes."""
+
+
+WARNING_KINDS: dict[str, type[KbitPrepWarning]] = {
+    "detection": DetectionWarning,
+    "backend": BackendWarning,
+    "memory": MemoryWarning,
+    "precision": PrecisionWarning,
+    "adapters": AdapterWarning,
+    "checkpointing": CheckpointingWarning,
+    "distributed": DistributedWarning,
+}
+"""Every warning kind and its category."""
+
+
+class PlanWarning(str):
+    """One entry of ``PreparationPlan.warnings``: the message (this ``str``, so code that reads
+    warnings as text keeps working) and its :attr:`kind`.
+
+    Attributes:
+        kind: One of :data:`WARNING_KINDS`' keys (``"memory"``, ``"precision"``, ...).
+    """
+
+    kind: str
+
+    def __new__(cls, kind: str, message: str) -> PlanWarning:
+        if kind not in WARNING_KINDS:
+            raise ValueError(f"unknown warning kind {kind!r}; one of {sorted(WARNING_KINDS)}")
+        obj = super().__new__(cls, message)
+        obj.kind = kind
+        return obj
+
+    def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]
+        return (self.kind, str.__str__(self))
+
+    @property
+    def message(self) -> str:
+        """The text, as a plain ``str``."""
+        return str.__str__(self)
+
+    @property
+    def category(self) -> type[KbitPrepWarning]:
+        """The :class:`KbitPrepWarning` subclass ``prepare`` emits this warning as."""
+        return WARNING_KINDS[self.kind]
+
+    def __repr__(self) -> str:
+        return f"PlanWarning({self.kind!r}, {str.__str__(self)!r})"
+
+
+def as_plan_warning(message: str, kind: str) -> PlanWarning:
+    """``message`` with its kind: a :class:`PlanWarning` keeps its own, a plain ``str`` (what a
+    plugin's ``plan_warnings`` returns) gets ``kind``."""
+    return message if isinstance(message, PlanWarning) else PlanWarning(kind, message)

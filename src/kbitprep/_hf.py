@@ -19,7 +19,7 @@ prepared model instance:
 - ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` on transformers 4):
   a call while checkpointing is already on with the same ``torch.utils.checkpoint`` keyword
   arguments, or with none, changes nothing. A call asking for different keyword arguments is
-  applied, as transformers would, and reported with a :class:`~kbitprep.KbitPrepWarning` that
+  applied, as transformers would, and reported with a :class:`~kbitprep.CheckpointingWarning` that
   names both values: kbitprep never resolves that conflict silently.
 - ``enable_input_require_grads``: adds a hook only to an input embedding that has none.
 
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from kbitprep import _checkpointing as ckpt
-from kbitprep._errors import KbitPrepWarning
+from kbitprep._errors import CheckpointingWarning
 
 __all__ = [
     "adapter_param_ids",
@@ -177,7 +177,7 @@ def _guarded_enable(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         "TrainingArguments.gradient_checkpointing_kwargs). kbitprep applies the later request, as "
         "transformers would, and keeps one input-grad hook. To silence this, pass the same "
         "gradient_checkpointing_kwargs to kbitprep.prepare and to the trainer.",
-        KbitPrepWarning,
+        CheckpointingWarning,
         stacklevel=3,
     )
     result = original(*args, **kwargs)

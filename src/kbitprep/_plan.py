@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from kbitprep._errors import PlanWarning
+
 __all__ = ["CastItem", "ModelInput", "ModulePrecision", "PreparationPlan", "PreparationReport", "UndoLog"]
 
 
@@ -94,7 +96,9 @@ class PreparationPlan:
             reentrant checkpointing (kbitprep adds the hook), or because transformers' own
             enabling call installs it (kept, never removed).
         bytes_delta: Change in parameter storage, bytes (a tied parameter counts once).
-        warnings: Findings to read before training.
+        warnings: Findings to read before training, each a :class:`~kbitprep.PlanWarning`: a
+            ``str`` with a ``kind`` (``"memory"``, ``"precision"``, ``"checkpointing"``, ...);
+            ``prepare`` emits each as the :class:`~kbitprep.KbitPrepWarning` subclass of its kind.
         input_grad_modules: Modules whose output is made to require grad.
         compute_dtype: The model's one compute dtype: the quantized layers' (e.g.
             ``bnb_4bit_compute_dtype``), else the upcast dtype, else the model's dtype.
@@ -137,7 +141,7 @@ class PreparationPlan:
     use_reentrant: bool | None
     input_grad_hook: bool
     bytes_delta: int
-    warnings: tuple[str, ...]
+    warnings: tuple[PlanWarning, ...]
     input_grad_modules: tuple[str, ...] = ()
     compute_dtype: str | None = None
     activation_dtype: str | None = None
@@ -163,6 +167,7 @@ class PreparationPlan:
             if f.name.startswith("_"):
                 continue
             out[f.name] = _jsonable(getattr(self, f.name))
+        out["warning_kinds"] = [w.kind for w in self.warnings]
         return out
 
     def __str__(self) -> str:
@@ -178,7 +183,9 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return str(value)  # a PlanWarning as plain text; its kind is in "warning_kinds"
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     return repr(value)
 

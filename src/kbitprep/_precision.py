@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from kbitprep._context import Context, ParamEntry, Step, nbytes_as
-from kbitprep._errors import InvalidArgumentError
+from kbitprep._errors import InvalidArgumentError, PlanWarning
 from kbitprep._input_check import dry_run_input
 from kbitprep._names import covering, match_names
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, UndoLog
-from kbitprep.backends.base import is_storage_dtype, tensor_nbytes
+from kbitprep._storage import is_storage_dtype, tensor_nbytes
 
 __all__ = ["apply_casts", "plan_casts", "plan_compute"]
 
@@ -132,17 +132,19 @@ def plan_casts(ctx: Context) -> Step:
     for found in keep:
         pattern = found.pattern
         if pattern not in matched:
-            step.warnings.append(
+            step.warn(
+                "precision",
                 f"keep_in_low_precision pattern {pattern!r} matches {len(found.modules) + len(found.params)} "
                 f"module(s) or parameter(s) (first: {found.first!r}), but nothing under them is a floating parameter the "
-                "plan could cast (quantized storage and attached adapters are never held low), so it changes nothing."
+                "plan could cast (quantized storage and attached adapters are never held low), so it changes nothing.",
             )
         elif pattern not in lowered:
-            step.warnings.append(
+            step.warn(
+                "precision",
                 f"keep_in_low_precision pattern {pattern!r} matches only parameters already in "
                 f"{ctx.options.upcast_dtype} or wider (an earlier prepare may have upcast them); kbitprep never "
                 "casts down, so they stay as they are. Undo the earlier preparation (report.undo()) first to keep "
-                "them low."
+                "them low.",
             )
     delta = sum(c.bytes_after - c.bytes_before for c in casts)
     step.warnings.extend(_cast_warnings(ctx, casts, delta))
@@ -150,26 +152,32 @@ def plan_casts(ctx: Context) -> Step:
     return step
 
 
-def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[str]:
+def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[PlanWarning]:
     opts, strategy = ctx.options, ctx.strategy
-    found: list[str] = []
+    found: list[PlanWarning] = []
     if not casts or (ctx.distributed.mode is not None and not ctx.distributed.upcast_kept):
         return found
     if opts.upcast == "all" and not strategy.unquantized:
         auto = any(strategy.should_upcast(e.names[0], e.param, e.module) for e in ctx.inventory if e.plain_float)
         if not auto:
             found.append(
-                f"upcast='all' on a {strategy.name} model: its quantized kernels expect their own compute dtype; "
-                f"kbitprep casts the inputs of those layers to it, but the upcast costs {delta:,} bytes for no "
-                "accuracy the kernels can use."
+                PlanWarning(
+                    "memory",
+                    f"upcast='all' on a {strategy.name} model: its quantized kernels expect their own compute dtype; "
+                    f"kbitprep casts the inputs of those layers to it, but the upcast costs {delta:,} bytes for no "
+                    "accuracy the kernels can use.",
+                )
             )
     if strategy.unquantized and delta > 0:
         what = (
             "The model is not quantized" if opts.backend == "auto" else "backend=none treats the model as unquantized"
         )
         found.append(
-            f"{what}; upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds {delta:,} bytes "
-            f"({delta} bytes), as peft does. Pass upcast='none' to keep the model's dtype."
+            PlanWarning(
+                "memory",
+                f"{what}; upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds {delta:,} bytes "
+                f"({delta} bytes), as peft does. Pass upcast='none' to keep the model's dtype.",
+            )
         )
     return found
 
@@ -323,7 +331,7 @@ def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
         precision=tuple(precision),
         model_inputs=tuple(i for i, _w in checked),
     )
-    step.warnings.extend(w for _i, w in checked if w)
+    step.warnings.extend(PlanWarning("precision", w) for _i, w in checked if w)
     return step
 
 

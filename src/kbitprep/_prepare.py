@@ -21,13 +21,14 @@ from kbitprep import _distributed
 from kbitprep._checkpoint_step import apply_checkpointing, plan_checkpointing
 from kbitprep._compute import apply_precision
 from kbitprep._context import Context, ParamEntry, Step, prefix_of, take_inventory
-from kbitprep._errors import InvalidArgumentError, InvalidModelError, KbitPrepWarning
+from kbitprep._errors import InvalidArgumentError, InvalidModelError, PlanWarning, as_plan_warning
 from kbitprep._hf import unwrap_model
 from kbitprep._options import Options, PrepareOptions, UpcastPolicy, parse_options
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, PreparationReport, UndoLog
 from kbitprep._precision import apply_casts, plan_casts, plan_compute
 from kbitprep._registry import detect_backend, get_backend
-from kbitprep.backends.base import QuantBackend, tensor_nbytes
+from kbitprep._storage import tensor_nbytes
+from kbitprep.backends.base import QuantBackend
 
 __all__ = [
     "CastItem",
@@ -94,15 +95,16 @@ def _resolve(model: nn.Module, opts: Options) -> tuple[Context, Step]:
     base = unwrap_model(model)
     strategy, reason, notes = _resolve_backend(base, opts.backend)
     inventory = take_inventory(model, strategy)
-    found = list(notes)
+    engine_notes: list[str] = []
     decision = _distributed.resolve(
         opts.distributed,
         strategy,
         base,
         [e.param for e in inventory if e.storage],
         [e.param for e in inventory if e.plain_float],
-        found,
+        engine_notes,
     )
+    found = [PlanWarning("detection", n) for n in notes] + [as_plan_warning(n, "distributed") for n in engine_notes]
     ctx = Context(model, base, prefix_of(model, base), strategy, reason, opts, inventory, decision)
     return ctx, Step({"backend": strategy.name, "reason": reason}, found)
 
@@ -135,7 +137,7 @@ def _plan_trainability(ctx: Context) -> Step:
     matrices left in floating point outweigh the quantized storage (fused MoE experts that
     transformers 5's 4-bit loader leaves in 16-bit)."""
     ctx.strategy.check_trainable(ctx.base)
-    step = Step(warnings=list(ctx.strategy.plan_warnings(ctx.base)))
+    step = Step(warnings=[as_plan_warning(w, "backend") for w in ctx.strategy.plan_warnings(ctx.base)])
     storage = sum(tensor_nbytes(e.param) for e in ctx.inventory if e.storage)
     floating = sum(tensor_nbytes(e.param) for e in ctx.inventory if e.plain_float)
     step.fields.update(storage_bytes=storage, float_bytes=floating)
@@ -146,13 +148,14 @@ def _plan_trainability(ctx: Context) -> Step:
         top = max(matrices, key=lambda e: tensor_nbytes(e.param))
         shape = "x".join(str(s) for s in top.param.shape)
         owner = top.names[0].rpartition(".")[0].rpartition(".")[2] or top.names[0]
-        step.warnings.append(
+        step.warn(
+            "memory",
             f"Most weight bytes are not quantized: {left:,} bytes in {len(matrices)} weight matrices stay in "
             f"floating point beside {storage:,} bytes of quantized storage ({storage / (storage + floating):.0%} "
             f"of the parameter bytes are quantized). Largest: {top.names[0]!r} ({shape}, {top.param.dtype}); "
             "fused MoE experts are the usual case, since the loader quantizes linear layers only. Memory is far "
             "above what the quantization method suggests: quantize those weights too, budget for them, or keep "
-            f"them at their stored dtype rather than upcast with keep_in_low_precision=({owner!r},)."
+            f"them at their stored dtype rather than upcast with keep_in_low_precision=({owner!r},).",
         )
     return step
 
@@ -169,9 +172,10 @@ def _plan_freeze(ctx: Context) -> Step:
         }
     )
     if adapters:
-        step.warnings.append(
+        step.warn(
+            "adapters",
             f"{len(kept)} adapter parameter(s) are already attached (first: {kept[0]!r}) and stay trainable. "
-            "The usual order is prepare, then attach adapters (get_peft_model)."
+            "The usual order is prepare, then attach adapters (get_peft_model).",
         )
     return step
 
@@ -207,7 +211,7 @@ def _assemble(model: nn.Module, opts: Options) -> PreparationPlan:
     casts = plan_casts(ctx)
     steps += [casts, plan_compute(ctx, casts.fields["casts"]), plan_checkpointing(ctx)]
     fields: dict[str, Any] = {}
-    found: list[str] = []
+    found: list[PlanWarning] = []
     for step in steps:
         fields.update(step.fields)
         found.extend(w for w in step.warnings if w not in found)
@@ -322,7 +326,8 @@ def prepare(
     Takes the arguments of :func:`plan`, plans, then applies the plan and nothing else: backend
     fix-ups (``before_training``), freeze, casts, compute-dtype rules, checkpointing (with the
     input-grad wiring it needs, once). Each plan warning is also emitted as a
-    :class:`KbitPrepWarning`.
+    :class:`KbitPrepWarning` of its kind (``MemoryWarning``, ``PrecisionWarning``, ...; see
+    :class:`PlanWarning`).
 
     Returns:
         The report (the plan as applied) with :meth:`PreparationReport.undo`.
@@ -336,7 +341,7 @@ def prepare(
     p = plan(model, use_gradient_checkpointing, gradient_checkpointing_kwargs, **options)
     log = _apply(model, p)
     for w in p.warnings:
-        warnings.warn(w, KbitPrepWarning, stacklevel=2)
+        warnings.warn(w.message, w.category, stacklevel=2)
     if p.casts:
         logger.info("Upcast %d parameters (%+d bytes)", len(p.casts), p.bytes_delta)
     return PreparationReport.from_plan(p, log)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from kbitprep._errors import PlanWarning
     from kbitprep._plan import PreparationPlan
 
 __all__ = ["PlanView", "Table", "plan_view", "render_text"]
@@ -33,7 +34,7 @@ class PlanView:
     casts: Table
     precision: Table | None
     summary: tuple[tuple[str, str], ...]
-    warnings: tuple[str, ...]
+    warnings: tuple[PlanWarning, ...]
 
 
 def _short(dtype: str | None) -> str:
@@ -165,5 +166,5 @@ def render_text(p: PreparationPlan) -> str:
     if view.precision is not None:
         lines += _text_table(view.precision)
     lines += [f"{label}: {value}" for label, value in view.summary]
-    lines += [f"warning: {w}" for w in view.warnings]
+    lines += [f"warning ({w.kind}): {w}" for w in view.warnings]
     return "\n".join(lines)
