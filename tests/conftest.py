@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    """Runtime registrations and detection-time failures made by a test are dropped afterwards
+    (plugins stay loaded)."""
+    from kbitprep import _registry as reg
+
+    reg._registry.load_plugins()
+    state = (reg._registry.classes, reg._registry.sources, reg._registry.instances, reg._registry.failed)
+    saved = [dict(d) for d in state]
+    yield
+    for target, value in zip(state, saved, strict=True):
+        target.clear()
+        target.update(value)  # type: ignore[attr-defined]

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -450,20 +449,6 @@ def test_a_backend_opting_out_of_a_group_gets_those_checks_reported_skipped_with
 
 
 # -- the registry side of the contract: refused at registration or listed broken ----------------
-
-
-@pytest.fixture
-def clean_registry() -> Iterator[None]:
-    """Runtime registrations and detection-time failures made by a test are dropped afterwards."""
-    from kbitprep import _registry as reg
-
-    reg._registry.load_plugins()
-    state = (reg._registry.classes, reg._registry.sources, reg._registry.instances, reg._registry.failed)
-    saved = [dict(d) for d in state]
-    yield
-    for target, value in zip(state, saved, strict=True):
-        target.clear()
-        target.update(value)  # type: ignore[attr-defined]
 
 
 class _NoDetect(QuantBackend):

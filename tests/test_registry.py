@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pytest
@@ -29,7 +29,6 @@ from kbitprep import (
     KbitPrepError,
     QuantBackend,
     UnknownBackendError,
-    _registry,
 )
 
 GOOD_DIST = "kbitprep-goodplugin"
@@ -41,19 +40,6 @@ def _require_dist(name: str) -> None:
         importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         pytest.skip(f"{name} is not installed: pip install --no-deps -e tests/plugins/{name.split('-')[1]}")
-
-
-@pytest.fixture
-def clean_registry() -> Iterator[None]:
-    """Runtime registrations made by a test are dropped afterwards (plugins stay loaded)."""
-    _registry._registry.load_plugins()
-    saved = (dict(_registry._registry.classes), dict(_registry._registry.sources), dict(_registry._registry.instances))
-    yield
-    for target, value in zip(
-        (_registry._registry.classes, _registry._registry.sources, _registry._registry.instances), saved, strict=True
-    ):
-        target.clear()
-        target.update(value)  # type: ignore[attr-defined]
 
 
 # -- plugins ----------------------------------------------------------------------------------
@@ -142,6 +128,49 @@ def test_disable_plugins_env_var_skips_entry_points() -> None:
     assert "goodquant" not in disabled and "brokenquant" not in disabled
     assert set(disabled.values()) == {"builtin"}
     assert {"bitsandbytes", "torchao", "none", "generic"} <= set(disabled)
+
+
+def test_disable_plugins_env_var_blocks_named_plugins() -> None:
+    """``KBITPREP_DISABLE_PLUGINS`` with names blocks those plugins only, by entry-point name or by
+    distribution name (as pluggy's set_blocked): never imported, listed as blocked."""
+    _require_dist(GOOD_DIST)
+    _require_dist(BROKEN_DIST)
+    code = (
+        "import json, sys, kbitprep\n"
+        "b = kbitprep.available_backends()\n"
+        "print(json.dumps({'status': {k: v.status for k, v in b.items()}, "
+        "'imported': sorted(m for m in sys.modules if m.startswith('kbitprep_'))}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KBITPREP_DISABLE_PLUGINS"}
+    env["KBITPREP_DISABLE_PLUGINS"] = f"goodquant, {BROKEN_DIST}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    status, imported = data["status"], data["imported"]
+    assert status["goodquant"] == "blocked: KBITPREP_DISABLE_PLUGINS"
+    assert status["brokenquant"] == "blocked: KBITPREP_DISABLE_PLUGINS"  # blocked by its distribution
+    assert not any(s.startswith("broken") for s in status.values()), status
+    assert imported == [], imported  # a blocked plugin is never imported
+    if "toyquant" in status:  # the example plugin, installed by nox, is not named: it loads
+        assert status["toyquant"] in ("ok",) or status["toyquant"].startswith("missing"), status["toyquant"]
+    assert status["bitsandbytes"] in ("ok",) or status["bitsandbytes"].startswith("missing")
+    code = "import kbitprep\ntry:\n    kbitprep.get_backend('goodquant')\nexcept kbitprep.UnknownBackendError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert "blocked by KBITPREP_DISABLE_PLUGINS" in out.stdout
+
+
+def test_every_builtin_strategy_declares_the_library_it_needs() -> None:
+    """A strategy for a quantization method names its library in ``requires``, so
+    ``available_backends`` cannot say "ok" while it is absent; only the two fallbacks need none."""
+    from kbitprep._registry import _registry, builtin_names
+
+    expected = {
+        "aqlm": ("aqlm",), "awq": ("gptqmodel",), "bitnet": ("transformers",), "bitsandbytes": ("bitsandbytes",),
+        "compressed_tensors": ("compressed_tensors",), "eetq": ("transformers",), "fp8": ("transformers",),
+        "gptq": ("gptqmodel",), "hqq": ("hqq",), "mxfp4": ("transformers",), "quanto": ("optimum.quanto",),
+        "torchao": ("torchao",), "generic": (), "none": (),
+    }  # fmt: skip
+    declared = {name: _registry.get_class(name).requires for name in builtin_names()}
+    assert declared == expected
 
 
 # -- runtime registration -------------------------------------------------------------------

@@ -105,6 +105,7 @@ class _Registry:
         self.broken: dict[str, tuple[str, str]] = {}  # key -> (source, reason)
         self.failed: dict[str, str] = {}  # registered name -> why it could not be instantiated later
         self.instances: dict[str, QuantBackend] = {}
+        self.blocked: dict[str, str] = {}  # entry-point name -> distribution, not loaded on request
         self.plugins_loaded = False
 
     def load_builtin(self, name: str) -> type[QuantBackend]:
@@ -121,11 +122,16 @@ class _Registry:
         if self.plugins_loaded:
             return
         self.plugins_loaded = True
-        if os.environ.get("KBITPREP_DISABLE_PLUGINS") == "1":
+        blocked = blocked_plugins()
+        if blocked is None:
             logger.debug("KBITPREP_DISABLE_PLUGINS=1: backend plugins skipped")
             return
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             source = ep.dist.name if ep.dist is not None else ep.value
+            if ep.name in blocked or source in blocked:
+                logger.debug("KBITPREP_DISABLE_PLUGINS blocks backend plugin %r from %s", ep.name, source)
+                self.blocked[ep.name] = source
+                continue
             try:
                 cls = ep.load()
                 _check_class(cls)
@@ -163,6 +169,11 @@ class _Registry:
             return self.load_builtin(name)
         known = ", ".join(repr(n) for n in self.names())
         extra = f" (broken plugin: {self.broken[name][1]})" if name in self.broken else ""
+        if name in self.blocked:
+            extra = (
+                f" (the plugin from {self.blocked[name]} is blocked by KBITPREP_DISABLE_PLUGINS; remove "
+                f"{name!r} from that variable to use it)"
+            )
         raise UnknownBackendError(
             f"No kbitprep backend is named {name!r}{extra}. Known backends: {known}. Pass one of "
             "those, or backend='auto' to detect it from the model."
@@ -336,12 +347,24 @@ def get_backend(name: str) -> QuantBackend:
     return instance
 
 
+def blocked_plugins() -> frozenset[str] | None:
+    """The plugins ``KBITPREP_DISABLE_PLUGINS`` blocks: None when it is ``1`` (every plugin),
+    else the entry-point names and distribution names it lists, comma-separated
+    (``KBITPREP_DISABLE_PLUGINS=goodquant,kbitprep-brokenplugin``), read when plugins load.
+    The idea is pluggy's ``PluginManager.set_blocked``: a blocked plugin is never imported."""
+    raw = os.environ.get("KBITPREP_DISABLE_PLUGINS", "").strip()
+    if raw == "1":
+        return None
+    return frozenset(part.strip() for part in raw.split(",") if part.strip())
+
+
 def available_backends() -> Mapping[str, BackendInfo]:
     """Every backend with its source, status and priority (a read-only mapping, sorted by name).
 
     Status is ``"ok"``, ``"missing dependency: <pip command>"`` when the backend's library is
-    not installed (checked with ``importlib.util.find_spec``, nothing is imported), or
-    ``"broken: <reason>"`` for a plugin or class that failed to load.
+    not installed (checked with ``importlib.util.find_spec``, nothing is imported),
+    ``"broken: <reason>"`` for a plugin or class that failed to load, or ``"blocked:
+    KBITPREP_DISABLE_PLUGINS"`` for a plugin that environment variable names (not imported).
     """
     out: dict[str, BackendInfo] = {}
     for name in _registry.names():
@@ -358,6 +381,8 @@ def available_backends() -> Mapping[str, BackendInfo]:
         out[name] = BackendInfo(name, _registry.sources.get(name, source), status, int(cls.priority))
     for key, (source, reason) in _registry.broken.items():
         out.setdefault(key, BackendInfo(key, source, f"broken: {reason}", 0))
+    for key, source in _registry.blocked.items():
+        out.setdefault(key, BackendInfo(key, source, "blocked: KBITPREP_DISABLE_PLUGINS", 0))
     return MappingProxyType(dict(sorted(out.items())))
 
 

@@ -93,6 +93,7 @@ class AwqBackend(QuantBackend):
     name: ClassVar[str] = "awq"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[gptq]'"
+    requires: ClassVar[tuple[str, ...]] = ("gptqmodel",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"awq"})
 
     def detect(self, model: nn.Module) -> str | None:

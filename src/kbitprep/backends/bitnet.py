@@ -62,6 +62,7 @@ class BitNetBackend(QuantBackend):
     name: ClassVar[str] = "bitnet"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[transformers]'"
+    requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"bitnet"})
 
     def detect(self, model: nn.Module) -> str | None:

@@ -75,6 +75,7 @@ class Mxfp4Backend(QuantBackend):
     name: ClassVar[str] = "mxfp4"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install 'kbitprep[transformers]' triton kernels"
+    requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"mxfp4"})
 
     def detect(self, model: nn.Module) -> str | None:

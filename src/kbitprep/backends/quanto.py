@@ -84,6 +84,7 @@ class QuantoBackend(QuantBackend):
     name: ClassVar[str] = "quanto"
     priority: ClassVar[int] = 0
     install_hint: ClassVar[str] = "pip install optimum-quanto"
+    requires: ClassVar[tuple[str, ...]] = ("optimum.quanto",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"quanto"})
 
     def detect(self, model: nn.Module) -> str | None:
