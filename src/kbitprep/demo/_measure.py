@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from kbitprep.backends.base import model_param_bytes as param_bytes
+from kbitprep._storage import model_param_bytes as param_bytes
 
 __all__ = ["lora_gradient_check", "mean_loss", "param_bytes", "peak_rss_bytes"]
 
