@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ __all__ = [
     "detect_in_tiers",
     "dominant_float_dtype",
     "find_storage",
+    "is_installed",
     "is_storage_dtype",
     "is_storage_tensor",
     "is_wrapper_subclass",
@@ -114,16 +116,9 @@ class QuantBackend(abc.ABC):
 
     @classmethod
     def missing_requirements(cls) -> tuple[str, ...]:
-        """The names in :attr:`requires` that ``importlib.util.find_spec`` cannot find."""
-        missing = []
-        for lib in cls.requires:
-            try:
-                found = importlib.util.find_spec(lib) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                missing.append(lib)
-        return tuple(missing)
+        """The names in :attr:`requires` that are not installed (:func:`is_installed`: found
+        without importing anything)."""
+        return tuple(lib for lib in cls.requires if not is_installed(lib))
 
     def require(self, purpose: str) -> None:
         """Call before a fix-up imports the backend's library.
@@ -237,6 +232,23 @@ class QuantBackend(abc.ABC):
             found. Default: not shardable, because the storage's layout is unknown.
         """
         return Verdict(False, f"the {self.name} backend does not declare its storage shardable by FSDP")
+
+
+def is_installed(name: str) -> bool:
+    """Whether the import name ``name`` (dotted, e.g. ``"optimum.quanto"``) can be imported, found
+    without importing anything: ``importlib.util.find_spec`` imports a dotted name's parent
+    packages, so each part is looked up in its parent's search path instead."""
+    head, *rest = name.split(".")
+    try:
+        spec = importlib.util.find_spec(head)
+    except (ImportError, ValueError):
+        return False
+    for part in rest:
+        locations = None if spec is None else spec.submodule_search_locations
+        if spec is None or not locations:
+            return False
+        spec = importlib.machinery.PathFinder.find_spec(f"{spec.name}.{part}", list(locations))
+    return spec is not None
 
 
 # -- evidence helpers shared by the built-in strategies ---------------------------------------
