@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import bnb4_config, load, tiny_llama, transformers_major
+from _fixtures import tiny_llama, transformers_major
 from kbitprep import InvalidArgumentError, KbitPrepError, UnknownBackendError
 from kbitprep.backends.base import QuantBackend
 from kbitprep.testing import (
@@ -60,33 +60,7 @@ def _backend(name: str) -> type[QuantBackend]:
     return cls
 
 
-@_needs("bitsandbytes")
-class TestBitsAndBytes4bit(BackendConformanceTests):
-    backend_cls = _backend("bitsandbytes")
-
-    def make_model(self) -> nn.Module:
-        return load(_saved(), quantization_config=bnb4_config())
-
-
-@_needs("bitsandbytes")
-class TestBitsAndBytes8bit(BackendConformanceTests):
-    backend_cls = _backend("bitsandbytes")
-
-    def make_model(self) -> nn.Module:
-        from transformers import BitsAndBytesConfig
-
-        return load(_saved(), quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-
-
-@_needs("torchao")
-class TestTorchAoInt8WeightOnly(BackendConformanceTests):
-    backend_cls = _backend("torchao")
-
-    def make_model(self) -> nn.Module:
-        from torchao.quantization import Int8WeightOnlyConfig
-        from transformers import TorchAoConfig
-
-        return load(_saved(), quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+# bitsandbytes 4/8-bit, torchao through transformers, none and generic: tests/backends/test_<name>.py
 
 
 @_needs("torchao")
@@ -101,14 +75,6 @@ class TestTorchAoDirectQuantize(BackendConformanceTests):
         model = tiny_llama(torch.bfloat16)
         quantize_(model, Int8WeightOnlyConfig())
         return model
-
-
-class TestNoQuantization(BackendConformanceTests):
-    backend_cls = _backend("none")
-    expects_storage = False
-
-    def make_model(self) -> nn.Module:
-        return tiny_llama(torch.bfloat16)
 
 
 # -- the strategies another developer is writing: run the kit on them once they exist ---------
