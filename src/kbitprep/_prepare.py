@@ -334,8 +334,9 @@ def prepare(
 
     Raises:
         InvalidModelError: A parameter is on the meta device (it holds no data to change).
-        Everything :func:`plan` raises, before anything is changed. Should an apply step fail
-        unexpectedly, what was already done is undone before the error propagates.
+        KbitPrepError: Everything :func:`plan` raises, before anything is changed. Should an
+            apply step fail unexpectedly, what was already done is undone before the error
+            propagates.
     """
     _require_data(_validate_model(model))
     p = plan(model, use_gradient_checkpointing, gradient_checkpointing_kwargs, **options)

@@ -359,7 +359,7 @@ def _print_plan(console: Console, p: PreparationPlan, bytes_before: int) -> None
     for label, value in view.summary:
         summary.add_row(escape(label), escape(value))
     for w in view.warnings:
-        summary.add_row("[yellow]warning[/]", escape(w))
+        summary.add_row(f"[yellow]warning ({w.kind})[/]", escape(w))
     console.print(summary)
 
 

@@ -17,7 +17,7 @@ __all__ = ["SUMMARY_KEYS", "DemoOptions", "DemoResult", "LogReporter", "Reporter
 
 logger = logging.getLogger(__name__)
 
-# The JSON summary's keys, in order (issue 4)
+# The JSON summary's keys, in order (issue 4; the two step peaks: issue 18)
 SUMMARY_KEYS = (
     "model",
     "quantization",
@@ -31,6 +31,8 @@ SUMMARY_KEYS = (
     "bytes_before",
     "bytes_after",
     "peak_rss_bytes",
+    "predicted_peak_bytes",
+    "measured_peak_bytes",
     "seconds",
 )
 
@@ -101,7 +103,15 @@ class DemoOptions:
 
 @dataclass(slots=True)
 class DemoResult:
-    """What the demo measured. :meth:`summary` is the ``--json`` document."""
+    """What the demo measured. :meth:`summary` is the ``--json`` document.
+
+    ``predicted_peak_bytes`` is :func:`kbitprep.estimate`'s peak of live tensor bytes over one
+    training step of this run (same model, quantization, prepare options, LoRA, batch, AdamW, on
+    the CPU), made before training; ``measured_peak_bytes`` is the same quantity measured on the
+    run's second training step (``kbitprep._estimate.measure_step``; the first creates the
+    optimizer states). Either is None when it was not made; the ``*_note`` field says why, and
+    the ``*_at`` field names the phase of the step the peak was reached in.
+    """
 
     model: str
     quantization: str
@@ -115,7 +125,13 @@ class DemoResult:
     bytes_before: int = 0
     bytes_after: int = 0
     peak_rss_bytes: int = 0
+    predicted_peak_bytes: int | None = None
+    measured_peak_bytes: int | None = None
     seconds: float = 0.0
+    predicted_peak_at: str = ""
+    predicted_peak_note: str = ""
+    measured_peak_at: str = ""
+    measured_peak_note: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary, with exactly the keys of ``SUMMARY_KEYS``, in that order.
