@@ -57,7 +57,7 @@ def _plan_summary(report: Any) -> dict[str, Any]:
 
 
 def _checkpointed_blocks(model: Any) -> int | None:
-    from kbitprep import _hf
+    from kbitprep.steps import checkpoint_layouts as _hf
 
     try:
         blocks = _hf.checkpoint_blocks(model.get_base_model())

@@ -121,7 +121,7 @@ def _registration_seconds(layers: Any, repeats: int) -> float:
     """What kbitprep's process-wide registration hooks add to a forward: a Llama forward slices
     its ``ModuleList`` of layers, which registers every layer into a new list (timed with the
     hooks, minus without them)."""
-    from kbitprep import _compute
+    from kbitprep.steps import cast_at_use as _compute
 
     n = len(layers)
     inner = 200
@@ -159,7 +159,7 @@ def _walks_during(model: Any, run: Callable[[], object]) -> int:
 def _measure_keep(repeats: int) -> dict[str, Any]:
     import torch
 
-    from kbitprep._compute import _Adopt
+    from kbitprep.steps.cast_at_use import _Adopt
 
     model, peft_model = _prepared(keep=True)
     hooks = [h for h in model._forward_pre_hooks.values() if isinstance(h, _Adopt)]

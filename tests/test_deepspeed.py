@@ -24,7 +24,8 @@ import torch
 
 import kbitprep
 from _fixtures import bnb4_config, load, saved_tiny, standard_batch
-from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError, _distributed
+from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError
+from kbitprep.steps import distributed as _distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -475,9 +475,9 @@ def check_prepare(model: nn.Module, s: Scenario) -> tuple[kbitprep.PreparationRe
         assert after.checkpointing == before.checkpointing
     modules = dict(model.named_modules())
     for name in p.input_grad_modules:
-        assert kbitprep._checkpointing.has_input_grad_hook(modules[name])
+        assert kbitprep.steps.checkpoint_transformers.has_input_grad_hook(modules[name])
     for row in p.precision:
-        spec = kbitprep._compute.spec_of(modules[row.name])
+        spec = kbitprep.steps.cast_at_use.spec_of(modules[row.name])
         assert spec is not None and str(spec.dtype) == row.computes
 
     # a second prepare changes nothing and records nothing

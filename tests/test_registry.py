@@ -173,6 +173,72 @@ def test_every_builtin_strategy_declares_the_library_it_needs() -> None:
     assert declared == expected
 
 
+def test_contract_is_the_questions_the_orchestrator_asks(clean_registry: None) -> None:
+    """The registry checks exactly ``QuantBackend.CONTRACT``; the helpers built on it are not
+    contract (a plugin's own ``require(self, a, b)`` is not refused for its signature)."""
+    from kbitprep import register_backend
+
+    assert QuantBackend.CONTRACT == (
+        "detect", "is_quantized_param", "find_storage", "should_upcast", "wants_gradient_checkpointing",
+        "check_trainable", "before_training", "fixup_bytes", "compute_dtype", "input_dtype", "plan_warnings",
+        "shardable",
+    )  # fmt: skip
+    public = {n for n in vars(QuantBackend) if not n.startswith("_") and callable(getattr(QuantBackend, n))}
+    assert public - set(QuantBackend.CONTRACT) == {"trainable", "require", "missing_requirements"}
+
+    class OwnHelper(QuantBackend):
+        name = "own-helper-test"
+
+        def detect(self, model: nn.Module) -> str | None:
+            return None
+
+        def require(self, purpose: str, extra: str) -> None:  # type: ignore[override,misc]
+            return None
+
+    register_backend(OwnHelper)
+    assert kbitprep.available_backends()["own-helper-test"].status == "ok"
+
+    class WrongQuestion(QuantBackend):
+        name = "wrong-question-test"
+
+        def detect(self, model: nn.Module) -> str | None:
+            return None
+
+        def plan_warnings(self) -> list[str]:  # type: ignore[override]
+            return []
+
+    with pytest.raises(kbitprep.InvalidArgumentError, match="plan_warnings takes"):
+        register_backend(WrongQuestion)
+
+
+def test_unquantized_behaviour_is_declared_by_capabilities(clean_registry: None) -> None:
+    """What the none strategy does differently comes from two capabilities, not from its name:
+    a plugin strategy declaring them gets the same plan for a plain bf16 model."""
+    from kbitprep import register_backend
+
+    class Plain(QuantBackend):
+        name = "plain-test"
+        holds_storage = False
+        keeps_checkpointing_as_found = True
+
+        def detect(self, model: nn.Module) -> str | None:
+            return None
+
+        def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+            return param.dtype in (torch.float16, torch.bfloat16)
+
+        def wants_gradient_checkpointing(self, model: nn.Module) -> bool:
+            return False
+
+    register_backend(Plain)
+    mine = kbitprep.plan(tiny_llama(torch.bfloat16), backend="plain-test")
+    none = kbitprep.plan(tiny_llama(torch.bfloat16), backend="none")
+    assert not mine.gradient_checkpointing and mine.bytes_delta == none.bytes_delta > 0
+    assert sorted(w.kind for w in none.warnings) == ["checkpointing", "memory"]
+    assert sorted(w.kind for w in mine.warnings) == ["checkpointing", "detection", "memory"]  # not the detected one
+    assert QuantBackend.holds_storage and not QuantBackend.keeps_checkpointing_as_found
+
+
 # -- runtime registration -------------------------------------------------------------------
 
 

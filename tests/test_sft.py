@@ -29,7 +29,7 @@ from _fixtures import (
     saved_tiny,
     watch,
 )
-from kbitprep._checkpointing import current_use_reentrant, is_enabled
+from kbitprep.steps.checkpoint_transformers import current_use_reentrant, is_enabled
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")

@@ -396,7 +396,7 @@ def test_a_prepared_model_pickles_whole_and_its_loaded_report_refuses_to_undo() 
 
     from _fixtures import tiny_llama
     from kbitprep import InvalidModelError
-    from kbitprep._compute import spec_of
+    from kbitprep.steps.cast_at_use import spec_of
 
     model = tiny_llama(torch.bfloat16)
     with warnings.catch_warnings():

@@ -34,7 +34,7 @@ from _fixtures import (
     watch,
 )
 from kbitprep import KbitPrepWarning, NotTrainableError
-from kbitprep._checkpointing import current_use_reentrant, is_enabled
+from kbitprep.steps.checkpoint_transformers import current_use_reentrant, is_enabled
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

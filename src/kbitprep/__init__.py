@@ -6,7 +6,6 @@ method, with a plan you can read before anything changes and a report you can un
 
 from __future__ import annotations
 
-from kbitprep._distributed import cast_adapters
 from kbitprep._errors import (
     AdapterWarning,
     BackendUnavailableError,
@@ -47,6 +46,7 @@ from kbitprep._registry import (
 )
 from kbitprep._trainable import TrainabilityOverride, mark_trainable
 from kbitprep.backends.base import QuantBackend
+from kbitprep.steps.distributed import cast_adapters
 
 __version__ = "0.1.0"
 

@@ -10,9 +10,8 @@ from typing import Any, Literal, TypeAlias, TypedDict
 import torch
 from torch import nn
 
-from kbitprep import _checkpointing as ckpt
-from kbitprep import _distributed
 from kbitprep._errors import InvalidArgumentError
+from kbitprep.steps import checkpoint_transformers as ckpt
 
 __all__ = ["Options", "PrepareOptions", "UpcastPolicy", "parse_options"]
 
@@ -53,7 +52,7 @@ class Options:
         keep_regex: ``keep`` is one regular expression (``keep_in_low_precision`` was a single
             string), full-matched against module names as peft matches a ``target_modules``
             string.
-        distributed: ``None``, ``"auto"`` or an engine name (see :mod:`kbitprep._distributed`).
+        distributed: ``None``, ``"auto"`` or an engine name (see :mod:`kbitprep.steps.distributed`).
         activation_offload: Keep checkpointed activations in host memory (transformers 5).
         checkpoint_every_n_layers: Checkpoint every n-th layer only (transformers 5).
         checkpoint_trainable_blocks_only: Checkpoint only blocks holding trainable parameters.
@@ -67,7 +66,7 @@ class Options:
     upcast_dtype: torch.dtype
     keep: tuple[str, ...]
     keep_regex: bool = False
-    distributed: Any = None
+    distributed: DistributedMode = None
     activation_offload: bool = False
     checkpoint_every_n_layers: int = 1
     checkpoint_trainable_blocks_only: bool = False
@@ -132,6 +131,22 @@ def _check_every_n(value: object) -> int:
     return value
 
 
+DistributedMode: TypeAlias = Literal["auto", "fsdp", "deepspeed"] | None
+
+MODES = ("auto", "fsdp", "deepspeed", None)
+
+
+def _check_distributed(mode: object) -> DistributedMode:
+    """Check the ``distributed`` argument (the engines: :mod:`kbitprep.steps.distributed`)."""
+    if mode not in MODES:
+        raise InvalidArgumentError(
+            f"distributed must be None (single process, the default), 'fsdp' (the model will be "
+            f"sharded with FSDP1 or FSDP2), 'deepspeed' (the model will be given to deepspeed.initialize) "
+            f"or 'auto' (on when an FSDP or DeepSpeed ZeRO-3 run is detected); got {mode!r}."
+        )
+    return mode  # type: ignore[return-value]
+
+
 def parse_options(
     use_gradient_checkpointing: object,
     gradient_checkpointing_kwargs: object,
@@ -167,7 +182,7 @@ def parse_options(
         upcast_dtype=upcast_dtype,
         keep=keep,
         keep_regex=keep_regex,
-        distributed=_distributed.validate(distributed),
+        distributed=_check_distributed(distributed),
         activation_offload=_check_flag("activation_offload", activation_offload),
         checkpoint_every_n_layers=_check_every_n(checkpoint_every_n_layers),
         checkpoint_trainable_blocks_only=_check_flag(

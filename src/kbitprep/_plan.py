@@ -95,7 +95,8 @@ class PreparationPlan:
         input_grad_hook: Whether the input embeddings' outputs are made to require grad: for
             reentrant checkpointing (kbitprep adds the hook), or because transformers' own
             enabling call installs it (kept, never removed).
-        bytes_delta: Change in parameter storage, bytes (a tied parameter counts once).
+        bytes_delta: Change in parameter storage, bytes (a tied parameter counts once): the
+            casts plus ``fixup_bytes``.
         warnings: Findings to read before training, each a :class:`~kbitprep.PlanWarning`: a
             ``str`` with a ``kind`` (``"memory"``, ``"precision"``, ``"checkpointing"``, ...);
             ``prepare`` emits each as the :class:`~kbitprep.KbitPrepWarning` subclass of its kind.
@@ -121,6 +122,9 @@ class PreparationPlan:
             holds an adapter).
         storage_bytes: Bytes of quantized storage.
         float_bytes: Bytes of plain floating base parameters before the casts.
+        fixup_bytes: Bytes the backend's fix-ups (``before_training``) add to parameter
+            storage, net (compressed-tensors' decompression: dense weights added, compressed
+            tensors taken out of the model); part of ``bytes_delta``.
         freeze_names: Parameters ``prepare`` sets to ``requires_grad=False``.
         trainable_dtype: The dtype a parameter that becomes trainable after ``prepare`` is
             stored in at least, when it belongs to a module that computes wider than it stores
@@ -157,6 +161,7 @@ class PreparationPlan:
     checkpointed_blocks: tuple[int, int] | None = None
     storage_bytes: int = 0
     float_bytes: int = 0
+    fixup_bytes: int = 0
     freeze_names: tuple[str, ...] = field(default=(), repr=False)
     trainable_dtype: str | None = None
 

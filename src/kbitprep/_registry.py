@@ -233,12 +233,10 @@ def _check_class(cls: object) -> None:
 
 @functools.cache
 def _contract_methods() -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``(method, argument names)`` of every public instance method that QuantBackend defines."""
-    out = []
-    for attr, value in vars(QuantBackend).items():
-        if not attr.startswith("_") and inspect.isfunction(value):
-            out.append((attr, tuple(inspect.signature(value).parameters)[1:]))
-    return tuple(out)
+    """``(method, argument names)`` of every question in ``QuantBackend.CONTRACT``."""
+    return tuple(
+        (attr, tuple(inspect.signature(getattr(QuantBackend, attr)).parameters)[1:]) for attr in QuantBackend.CONTRACT
+    )
 
 
 def _check_hooks(where: str, cls: type[QuantBackend], instance: QuantBackend) -> None:
@@ -435,14 +433,23 @@ def detect_backend(model: nn.Module) -> Detection:
         )
     base = unwrap_model(model)
     claims = _claims(base)
-    if not claims:  # cannot happen while the "none" backend is registered
-        return Detection("none", "no backend claimed the model")
+    if not claims:  # cannot happen while the none backend is registered
+        return Detection(_unquantized_name(), "no backend claimed the model")
     _prio, _order, name, reason = claims[0]
     dequantized = _label_without_storage(base, name)
     if dequantized is not None:
-        return Detection("none", dequantized)
+        return Detection(_unquantized_name(), dequantized)
     others = tuple((n, r) for _p, _o, n, r in claims[1:] if not _registry.get_class(n).fallback)
     return Detection(name, reason, others)
+
+
+def _unquantized_name() -> str:
+    """The fallback strategy for a model that holds no quantized storage (``none``)."""
+    for name in _registry.names():
+        cls = _registry.get_class(name)
+        if cls.fallback and not cls.holds_storage:
+            return name
+    raise UnknownBackendError("No fallback backend for unquantized models is registered (the built-in 'none').")
 
 
 def _label_without_storage(model: nn.Module, name: str) -> str | None:
@@ -462,7 +469,7 @@ def _label_without_storage(model: nn.Module, name: str) -> str | None:
         return None
     try:
         strategy = _registry.get_class(name)()
-        if strategy.unquantized or strategy.find_storage(model) is not None:
+        if not strategy.holds_storage or strategy.find_storage(model) is not None:
             return None
     except Exception as exc:  # a strategy that cannot answer keeps its claim
         logger.warning("Backend %r failed while looking for quantized storage: %s", name, exc)

@@ -264,7 +264,10 @@ def test_plan_states_the_decompression_bytes_and_prepare_spends_them(scheme: str
     dense, scales, kept = _bytes(scheme, dtype)
     model = ct_llama(scheme, dtype)
     p = kbitprep.plan(model)
-    (warning,) = [w for w in p.warnings if "decompress" in w]
+    # planned as numbers: the fix-up's net bytes are part of bytes_delta
+    assert p.fixup_bytes == dense + scales - kept
+    assert p.bytes_delta == p.fixup_bytes + sum(c.bytes_after - c.bytes_before for c in p.casts)
+    (warning,) = [w for w in p.warnings if w.kind == "backend" and "decompress" in w]
     assert f"adding {dense + scales:,} bytes ({dense:,} bytes of dense weights" in warning
     assert f"keeps the {kept:,} bytes of compressed tensors" in warning
     assert (f"{scales:,} bytes of bfloat16 copies" in warning) == bool(scales)
@@ -277,6 +280,7 @@ def test_plan_states_the_decompression_bytes_and_prepare_spends_them(scheme: str
     new = [t for t in model.parameters() if t.untyped_storage().data_ptr() not in before_ptrs]
     assert sum(t.numel() * t.element_size() for t in new) == dense + scales
     assert param_bytes(model) - before == dense + scales - kept  # the kept tensors left the model
+    assert param_bytes(model) - before == p.bytes_delta  # prepare spends what the plan says
 
 
 # -- training and undo ---------------------------------------------------------------------------

@@ -75,4 +75,4 @@ def test_lora_gradients_equal_the_uncheckpointed_ones(kind: str, order: str, mod
     for name, grad in plain.items():
         assert torch.max(torch.abs(got[name] - grad)).item() <= 1e-6, name
     assert sum(1 for n, g in got.items() if "lora_B" in n and bool(g.abs().sum() > 0)) == 4
-    assert kbitprep._checkpointing.has_input_grad_hook(model.model.embed_tokens)
+    assert kbitprep.steps.checkpoint_transformers.has_input_grad_hook(model.model.embed_tokens)

@@ -26,7 +26,7 @@ from _matrix import _llava_batch as _batch_llava
 from _matrix import _lm_batch as _batch_lm
 from _matrix import _t5_batch as _batch_t5
 from _matrix import _whisper_batch as _batch_whisper
-from kbitprep._compute import spec_of
+from kbitprep.steps.cast_at_use import spec_of
 
 pytest.importorskip("bitsandbytes")
 
@@ -365,7 +365,7 @@ def test_a_second_prepare_on_the_peft_model_leaves_one_adoption_hook_and_trains(
     exactly one adoption hook in the whole model, the copy computes in one dtype, the step runs."""
     from peft import LoraConfig, get_peft_model
 
-    from kbitprep._compute import _Adopt
+    from kbitprep.steps.cast_at_use import _Adopt
 
     keep = {"keep_in_low_precision": ("lm_head", "embed_tokens")}
     model = llama(model_root)

@@ -33,7 +33,7 @@ def _prepare(model: Any, *args: Any, **options: Any) -> Any:
 
 
 def _input_grad_hooks(module: nn.Module) -> int:
-    from kbitprep._checkpointing import _FOREIGN_HOOK_NAMES
+    from kbitprep.steps.checkpoint_transformers import _FOREIGN_HOOK_NAMES
 
     return sum(
         1
@@ -287,7 +287,7 @@ def test_adapters_get_gradients_whatever_the_call_order(kind: str, order: str, m
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)  # type: ignore[operator]
     hooks = {n: _input_grad_hooks(m) for n, m in model.named_modules() if _input_grad_hooks(m)}
     assert all(v == 1 for v in hooks.values()), hooks
-    from kbitprep._checkpointing import current_use_reentrant
+    from kbitprep.steps.checkpoint_transformers import current_use_reentrant
 
     if current_use_reentrant(model):
         assert hooks == {"model.embed_tokens": 1}

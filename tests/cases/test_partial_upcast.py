@@ -24,7 +24,7 @@ from _fixtures import (
     standard_batch,
     standard_step,
 )
-from kbitprep._compute import spec_of
+from kbitprep.steps.cast_at_use import spec_of
 
 
 def norm_only(name: str, param: nn.Parameter, module: nn.Module) -> bool:

@@ -261,10 +261,11 @@ def _prepare_meta(work: nn.Module, use_gc: Any, gc_kwargs: Any, options: dict[st
     """kbitprep's own plan (which accepts a meta-device model) and apply steps on the meta copy
     (``prepare`` refuses meta parameters, since it needs data; the apply steps only change
     flags, dtypes of meta tensors and hooks)."""
-    from kbitprep._prepare import _apply, plan
+    from kbitprep._prepare import plan
+    from kbitprep.steps.run import apply_steps
 
     p = plan(work, use_gc, gc_kwargs, **options)
-    _apply(work, p)
+    apply_steps(work, p)
     return p
 
 

@@ -146,7 +146,7 @@ def checkpoint_unquantized(model: nn.Module, quantization: Any, every_n_layers: 
     """Turn checkpointing on in an unquantized meta model, as its user would (``Trainer(...,
     gradient_checkpointing=True)``): kbitprep, as peft, leaves an unquantized model's
     checkpointing as the model has it. Returns whether it did."""
-    from kbitprep import _checkpointing
+    from kbitprep.steps import checkpoint_transformers as _checkpointing
 
     if quantization is not None or getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         return False

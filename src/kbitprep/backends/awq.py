@@ -16,7 +16,6 @@ not require grad repacks the weight for ``aten._weight_int4pack_mm_for_cpu`` und
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections import Counter
 from typing import ClassVar
@@ -25,38 +24,28 @@ import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
+from kbitprep.backends._gptqmodel import base_classes, pin_train_mode
 from kbitprep.backends.base import (
     QuantBackend,
     UndoFn,
     config_quant_method,
     detect_in_tiers,
     legacy_quant_method,
-    loaded_module,
     modules_of_type,
 )
 
 __all__ = ["AwqBackend"]
 
-logger = logging.getLogger(__name__)
 
 STORAGE_NAMES = frozenset({"qweight", "qzeros", "scales"})
 """Names of an AWQ layer's quantized tensors (gptqmodel 7.6.0, autoawq 0.2)."""
 
 _INFERENCE = "inference"  # gptqmodel's LinearMode is a str Enum: LinearMode.INFERENCE == "inference"
-_TRAIN = "train"
 
 
 def _supports_awq(cls: type) -> bool:
     methods = getattr(cls, "SUPPORTS_METHODS", None) or ()
     return any(str(getattr(m, "value", m)).lower() == "awq" for m in methods)
-
-
-def _gptqmodel_base() -> tuple[type, ...]:
-    """gptqmodel's ``BaseQuantLinear`` if gptqmodel is imported (nothing is imported here). Its
-    GPTQ kernels share the base, so only classes listing AWQ in ``SUPPORTS_METHODS`` count."""
-    qlinear = loaded_module("gptqmodel.nn_modules.qlinear")
-    base = getattr(qlinear, "BaseQuantLinear", None) if qlinear is not None else None
-    return (base,) if isinstance(base, type) else ()
 
 
 def _autoawq_classes() -> tuple[type, ...]:
@@ -69,14 +58,14 @@ def _autoawq_classes() -> tuple[type, ...]:
 
 
 def _is_awq_layer(module: nn.Module) -> bool:
-    base, autoawq = _gptqmodel_base(), _autoawq_classes()
+    base, autoawq = base_classes(), _autoawq_classes()
     if base and isinstance(module, base):
         return _supports_awq(type(module))
     return bool(autoawq) and isinstance(module, autoawq)
 
 
 def _awq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    classes = _gptqmodel_base() + _autoawq_classes()
+    classes = base_classes() + _autoawq_classes()
     return [(n, m) for n, m in modules_of_type(model, classes) if _is_awq_layer(m)]
 
 
@@ -159,21 +148,7 @@ class AwqBackend(QuantBackend):
         eval no-grad forward keeps the layer differentiable. Returns an undo that sets the pinned
         layers back to None.
         """
-        pinned: list[nn.Module] = []
-        for _name, module in _awq_layers(model):
-            if hasattr(module, "linear_mode") and module.linear_mode is None:
-                module.linear_mode = _TRAIN
-                pinned.append(module)
-        if not pinned:
-            return None
-        logger.info("Pinned %d AWQ layers to linear_mode='train'", len(pinned))
-
-        def undo() -> None:
-            for module in pinned:
-                if getattr(module, "linear_mode", None) == _TRAIN:
-                    setattr(module, "linear_mode", None)  # noqa: B010 (nn.Module's setattr typing)
-
-        return undo
+        return pin_train_mode((m for _n, m in _awq_layers(model)), "AWQ")
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         evidence = config_quant_method(model) or legacy_quant_method(model)

@@ -7,7 +7,7 @@ import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, final
 
 import torch
 from torch import nn
@@ -87,9 +87,31 @@ class QuantBackend(abc.ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     quant_methods: ClassVar[frozenset[str]] = frozenset()
     """transformers ``quant_method`` names (lower case) this strategy claims, e.g. ``{"gptq"}``."""
-    unquantized: ClassVar[bool] = False
-    """True only for the strategy of a model with no quantized storage (``none``): peft's
-    upcast, checkpointing left as the model has it, and a warning that states the bytes added."""
+    holds_storage: ClassVar[bool] = True
+    """Whether the models this strategy claims hold quantized storage. False (``none``) means: a
+    quantization label on the model needs no storage behind it, ``upcast="all"`` is not
+    questioned, and an upcast warns with the bytes it adds (as peft casts a plain model)."""
+    keeps_checkpointing_as_found: ClassVar[bool] = False
+    """Whether checkpointing is left as the model has it, its ``use_reentrant`` included, unless
+    the caller passes ``gradient_checkpointing_kwargs`` (peft 0.21 for an unquantized model),
+    and a plan warning says when it stays off."""
+    CONTRACT: ClassVar[tuple[str, ...]] = (
+        "detect",
+        "is_quantized_param",
+        "find_storage",
+        "should_upcast",
+        "wants_gradient_checkpointing",
+        "check_trainable",
+        "before_training",
+        "fixup_bytes",
+        "compute_dtype",
+        "input_dtype",
+        "plan_warnings",
+        "shardable",
+    )
+    """The questions a strategy answers: the methods kbitprep calls and a strategy may override,
+    each checked by the registry against the signature declared here. The other public methods
+    (:meth:`trainable`, :meth:`require`, :meth:`missing_requirements`) are helpers built on them."""
     fallback: ClassVar[bool] = False
     """True for a strategy that claims whatever no specific strategy claims (``generic`` and
     ``none``): when it claims a model beside another strategy, :func:`kbitprep.detect_backend`
@@ -114,12 +136,16 @@ class QuantBackend(abc.ABC):
         """
         return is_storage_tensor(name, param, module)
 
+    # -- helpers: not questions the orchestrator asks, not part of the contract, never overridden
+
+    @final
     @classmethod
     def missing_requirements(cls) -> tuple[str, ...]:
         """The names in :attr:`requires` that are not installed (:func:`is_installed`: found
         without importing anything)."""
         return tuple(lib for lib in cls.requires if not is_installed(lib))
 
+    @final
     def require(self, purpose: str) -> None:
         """Call before a fix-up imports the backend's library.
 
@@ -141,6 +167,7 @@ class QuantBackend(abc.ABC):
                 install_hint=hint,
             )
 
+    @final
     def trainable(self, model: nn.Module) -> Verdict:
         """Whether adapters on ``model`` can train, as ``(ok, reason)`` like :meth:`shardable`.
 
@@ -202,6 +229,12 @@ class QuantBackend(abc.ABC):
         reverses the fix-ups; :meth:`kbitprep.PreparationReport.undo` calls it. Default: nothing.
         """
         return None
+
+    def fixup_bytes(self, model: nn.Module) -> int:
+        """The bytes :meth:`before_training` will add to ``model``'s parameter storage, net of what
+        it takes out (planned first, so the plan's ``bytes_delta`` is what ``prepare`` spends).
+        Must change nothing. Default: 0 (fix-ups that only switch modes)."""
+        return 0
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The dtype the quantized layers compute in (bitsandbytes ``bnb_4bit_compute_dtype``,

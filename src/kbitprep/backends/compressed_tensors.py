@@ -378,6 +378,15 @@ class CompressedTensorsBackend(QuantBackend):
             "are frozen storage."
         ]
 
+    def fixup_bytes(self, model: nn.Module) -> int:
+        """Dense weights and bfloat16 scale copies added, compressed tensors taken out of the
+        model (kept aside for undo), by :meth:`before_training`."""
+        packed = [m for _n, m in _layers(model) if _needs_decompression(m)]
+        if not packed:
+            return 0
+        dense, scales, kept = _decompression_bytes(packed)
+        return dense + scales - kept
+
     def before_training(self, model: nn.Module) -> UndoFn | None:
         """Decompress the compressed layers (see :meth:`plan_warnings`) and take the library's
         first-forward hook off. Returns the undo: the very compressed tensors, status, format

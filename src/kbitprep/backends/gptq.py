@@ -9,7 +9,6 @@ model's plain float ones (embeddings, norms, ``lm_head``), which stay in the loa
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import ClassVar
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
+from kbitprep.backends._gptqmodel import base_classes, pin_train_mode
 from kbitprep.backends.base import (
     QuantBackend,
     UndoFn,
@@ -24,19 +24,16 @@ from kbitprep.backends.base import (
     count_reason,
     detect_in_tiers,
     legacy_quant_method,
-    loaded_module,
     modules_of_type,
 )
 
 __all__ = ["GptqBackend"]
 
-logger = logging.getLogger(__name__)
 
 STORAGE_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 """Names of a GPTQ layer's quantized tensors (buffers in gptqmodel 7.6.0 and auto-gptq 0.7)."""
 
 _INFERENCE = "inference"  # gptqmodel's LinearMode.INFERENCE is a str Enum equal to this
-_TRAIN = "train"
 
 
 def _supports_gptq(cls: type) -> bool:
@@ -53,11 +50,7 @@ def _layer_classes() -> tuple[type, ...]:
     base, so instances are further filtered by ``SUPPORTS_METHODS`` in :func:`_is_gptq_layer`).
     auto-gptq: the ``QuantLinear`` class of each ``auto_gptq.nn_modules.qlinear.qlinear_*`` module.
     """
-    classes: list[type] = []
-    qlinear = loaded_module("gptqmodel.nn_modules.qlinear")
-    base = getattr(qlinear, "BaseQuantLinear", None) if qlinear is not None else None
-    if isinstance(base, type):
-        classes.append(base)
+    classes: list[type] = list(base_classes())
     for mod_name, mod in list(sys.modules.items()):
         if mod_name.startswith("auto_gptq.nn_modules.qlinear.") and mod is not None:
             cls = getattr(mod, "QuantLinear", None)
@@ -168,21 +161,7 @@ class GptqBackend(QuantBackend):
         later eval no-grad forward (a smoke test, ``Trainer``'s evaluation) keeps the layer
         differentiable. Returns an undo that sets the pinned layers back to None.
         """
-        pinned: list[nn.Module] = []
-        for _name, module in _gptq_layers(model):
-            if hasattr(module, "linear_mode") and module.linear_mode is None:
-                module.linear_mode = _TRAIN
-                pinned.append(module)
-        if not pinned:
-            return None
-        logger.info("Pinned %d GPTQ layers to linear_mode='train'", len(pinned))
-
-        def undo() -> None:
-            for module in pinned:
-                if getattr(module, "linear_mode", None) == _TRAIN:
-                    setattr(module, "linear_mode", None)  # noqa: B010 (nn.Module's setattr typing)
-
-        return undo
+        return pin_train_mode((m for _n, m in _gptq_layers(model)), "GPTQ")
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []

@@ -23,7 +23,8 @@ class NoQuantBackend(QuantBackend):
     name: ClassVar[str] = "none"
     priority: ClassVar[int] = -1000
     fallback: ClassVar[bool] = True
-    unquantized: ClassVar[bool] = True
+    holds_storage: ClassVar[bool] = False
+    keeps_checkpointing_as_found: ClassVar[bool] = True
 
     def detect(self, model: nn.Module) -> str | None:
         return "no quantizer, quantization attributes or quantized layers found"
@@ -32,7 +33,7 @@ class NoQuantBackend(QuantBackend):
         return param.dtype in (torch.float16, torch.bfloat16)  # peft 0.21 casts plain models too
 
     def wants_gradient_checkpointing(self, model: nn.Module) -> bool:
-        from kbitprep._checkpointing import is_enabled
+        from kbitprep.steps.checkpoint_transformers import is_enabled
 
         return is_enabled(model)
 

@@ -1,5 +1,6 @@
-"""Gradient (activation) checkpointing: ``use_reentrant`` resolution, transformers 4/5 method
-names, and the input-require-grads hook for reentrant checkpointing.
+"""Gradient (activation) checkpointing through transformers: ``use_reentrant`` resolution, the one
+reader of the stored setting, transformers 4/5 method names, turning it on recorded for undo, and
+the input-require-grads hook for reentrant checkpointing.
 
 transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
 (the old name warns ``FutureWarning``); transformers 4.57 has only the old name. Every call here
@@ -8,10 +9,12 @@ uses the name that exists without a deprecation warning.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -23,13 +26,18 @@ __all__ = [
     "CHECKPOINT_KWARGS",
     "HasInputEmbeddings",
     "add_input_grad_hook",
+    "current_kwargs",
     "current_use_reentrant",
     "disable",
     "enable",
     "enable_installs_input_grads",
+    "enable_recorded",
     "entry_modules",
     "has_input_grad_hook",
+    "internal_enable",
     "is_enabled",
+    "is_internal_enable",
+    "normalise_kwargs",
     "resolve_kwargs",
     "supports",
     "supports_layout",
@@ -100,21 +108,34 @@ def is_enabled(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def current_use_reentrant(model: nn.Module) -> bool | None:
-    """The ``use_reentrant`` the model's checkpointing currently uses, or None when off.
+def current_kwargs(model: nn.Module) -> dict[str, Any] | None:
+    """The ``torch.utils.checkpoint`` keyword arguments checkpointing uses now, or None when off:
+    the one reader of transformers' stored setting.
 
-    transformers stores ``functools.partial(checkpoint, **kwargs)`` as
-    ``_gradient_checkpointing_func`` on each checkpointed module; when the keyword is absent,
-    torch's historical default (reentrant) applies.
+    transformers keeps ``functools.partial(checkpoint, **kwargs)`` as ``_gradient_checkpointing_func``
+    on each checkpointed module; a missing (or None) ``use_reentrant`` means torch's implicit,
+    historical reentrant mode.
     """
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) is True:
             func = getattr(module, "_gradient_checkpointing_func", None)
-            if isinstance(func, functools.partial):
-                value = func.keywords.get("use_reentrant")
-                return True if value is None else bool(value)
-            return True
+            keywords = getattr(func, "keywords", None) if isinstance(func, functools.partial) else None
+            return normalise_kwargs(keywords if isinstance(keywords, Mapping) else {})
     return None
+
+
+def normalise_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``use_reentrant`` explicit: absent or None is torch's implicit default (True)."""
+    out = dict(kwargs)
+    if out.get("use_reentrant") is None:
+        out["use_reentrant"] = True
+    return out
+
+
+def current_use_reentrant(model: nn.Module) -> bool | None:
+    """The ``use_reentrant`` the model's checkpointing currently uses, or None when off."""
+    kwargs = current_kwargs(model)
+    return None if kwargs is None else bool(kwargs["use_reentrant"])
 
 
 def enable(model: nn.Module, kwargs: dict[str, Any], every_n_layers: int = 1, offload: bool = False) -> None:
@@ -223,3 +244,81 @@ def has_input_grad_hook(module: nn.Module) -> bool:
 def add_input_grad_hook(module: nn.Module) -> torch.utils.hooks.RemovableHandle:
     """Register the hook that makes ``module``'s floating output require grad."""
     return module.register_forward_hook(_make_output_require_grad)
+
+
+# -- turning checkpointing on, recorded for undo -------------------------------------------------
+
+_INTERNAL: contextvars.ContextVar[bool] = contextvars.ContextVar("kbitprep_internal_enable", default=False)
+
+
+@contextlib.contextmanager
+def internal_enable() -> Iterator[None]:
+    """Let kbitprep's own checkpointing call through the guard (a second ``prepare``)."""
+    token = _INTERNAL.set(True)
+    try:
+        yield
+    finally:
+        _INTERNAL.reset(token)
+
+
+def is_internal_enable() -> bool:
+    """Whether the running enabling call is kbitprep's own (inside :func:`internal_enable`)."""
+    return _INTERNAL.get()
+
+
+_MISSING = object()
+_HANDLE_ATTRS = ("_require_grads_hooks", "_require_grads_hook")
+
+
+def enable_recorded(
+    base: nn.Module,
+    kwargs: dict[str, Any],
+    every_n_layers: int,
+    offload: bool,
+    log_add: Callable[[Callable[[], None]], None],
+) -> None:
+    """Turn checkpointing on through transformers' own call and record how to undo it.
+
+    Whatever that call installs for training to work (transformers 5 adds an input-grad hook to
+    the input embeddings) is kept; undo removes exactly what it added and puts back the
+    per-module checkpointing attributes and transformers' handle bookkeeping
+    (``_require_grads_hooks``), also when checkpointing was already on in another mode.
+    """
+    before_ids = {id(h) for h in getattr(base, "_require_grads_hooks", None) or []}
+    saved_attrs = [
+        (m, a, m.__dict__.get(a, _MISSING))
+        for m in base.modules()
+        if hasattr(m, "gradient_checkpointing")
+        for a in ("gradient_checkpointing", "_gradient_checkpointing_func")
+    ]
+    saved_handles = {a: vars(base).get(a, _MISSING) for a in _HANDLE_ATTRS}
+    hooked = {id(m._forward_hooks) for m in base.modules() if has_input_grad_hook(m)}
+    before = list(getattr(base, "_require_grads_hooks", None) or [])
+    with internal_enable():  # past our own guard on a second prepare
+        enable(base, kwargs, every_n_layers, offload)
+    added = [h for h in (getattr(base, "_require_grads_hooks", None) or []) if id(h) not in before_ids]
+    # an embedding that already had an input-grad hook keeps that one; the call's second is dropped
+    for handle in [h for h in added if id(h.hooks_dict_ref()) in hooked]:
+        handle.remove()
+        added.remove(handle)
+    if added or before:
+        hf: Any = base
+        hf._require_grads_hooks = before + added
+        hf._require_grads_hook = (before + added)[0]
+
+    def restore() -> None:
+        for handle in added:
+            handle.remove()
+        for module, attr, value in saved_attrs:
+            _put_back(module, attr, value)
+        for attr, value in saved_handles.items():
+            _put_back(base, attr, value)
+
+    log_add(restore)
+
+
+def _put_back(obj: Any, attr: str, value: Any) -> None:
+    if value is not _MISSING:
+        setattr(obj, attr, value)
+    elif attr in vars(obj):
+        delattr(obj, attr)

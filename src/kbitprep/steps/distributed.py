@@ -28,40 +28,26 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import torch
 from torch import nn
 
-from kbitprep._errors import AdapterWarning, InvalidArgumentError, NotShardableError
+from kbitprep._errors import AdapterWarning, InvalidArgumentError, NotShardableError, PlanWarning
 from kbitprep._hf import adapter_param_ids
+from kbitprep._options import DistributedMode
 from kbitprep._storage import tensor_nbytes
 from kbitprep.backends.base import QuantBackend
+from kbitprep.steps.context import Context, StepPlan
 
 __all__ = [
     "DeepSpeedSetup",
     "DistributedDecision",
-    "DistributedMode",
     "cast_adapters",
     "deepspeed_setup",
     "fsdp_signal",
     "resolve",
 ]
-
-DistributedMode: TypeAlias = Literal["auto", "fsdp", "deepspeed"] | None
-
-MODES = ("auto", "fsdp", "deepspeed", None)
-
-
-def validate(mode: object) -> DistributedMode:
-    """Check the ``distributed`` argument."""
-    if mode not in MODES:
-        raise InvalidArgumentError(
-            f"distributed must be None (single process, the default), 'fsdp' (the model will be "
-            f"sharded with FSDP1 or FSDP2), 'deepspeed' (the model will be given to deepspeed.initialize) "
-            f"or 'auto' (on when an FSDP or DeepSpeed ZeRO-3 run is detected); got {mode!r}."
-        )
-    return mode  # type: ignore[return-value]
 
 
 def fsdp_signal() -> str | None:
@@ -466,3 +452,52 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
             param.data = param.data.to(dtype)
             cast.append(name)
     return tuple(cast)
+
+
+# -- the step ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedPlan(StepPlan):
+    """The distributed step's decisions: the engine and its one dtype (fields of
+    :class:`~kbitprep.PreparationPlan`), and the whole decision the cast and checkpointing steps
+    read (not a plan field)."""
+
+    distributed: str | None = None
+    shard_dtype: str | None = None
+    decision: DistributedDecision = OFF
+
+    def plan_fields(self) -> dict[str, object]:
+        """The plan fields: the engine and its dtype (the decision stays with the steps)."""
+        return {"distributed": self.distributed, "shard_dtype": self.shard_dtype}
+
+
+def plan(ctx: Context) -> DistributedPlan:
+    """Whether a sharded run is on (``distributed=``, or detected under ``"auto"``), the dtypes its
+    engine leaves, and the check that the options agree with it.
+
+    Raises:
+        InvalidArgumentError: An explicit ``upcast`` with a mode that keeps one dtype.
+        NotShardableError: The engine cannot shard the backend's storage (see :func:`resolve`).
+    """
+    opts = ctx.options
+    notes: list[str] = []
+    decision = resolve(
+        opts.distributed,
+        ctx.strategy,
+        ctx.base,
+        [e.param for e in ctx.inventory if e.storage],
+        [e.param for e in ctx.inventory if e.plain_float],
+        notes,
+    )
+    found = tuple(PlanWarning("distributed", n) for n in notes)
+    if decision.mode is None:
+        return DistributedPlan(decision=decision, warnings=found)
+    if opts.upcast not in ("auto", "none") and not decision.upcast_kept:
+        raise InvalidArgumentError(
+            f"upcast={opts.upcast!r} cannot be combined with distributed={opts.distributed!r}: the "
+            f"distributed mode keeps every floating parameter in one dtype ({decision.shard_dtype}). "
+            "Leave upcast at 'auto'."
+        )
+    shard = None if decision.shard_dtype is None else str(decision.shard_dtype)
+    return DistributedPlan(distributed=decision.mode, shard_dtype=shard, decision=decision, warnings=found)

@@ -27,7 +27,7 @@ m1 and m2 to have the same dtype" / "Input type and weight type should be the sa
 its kernel gives (the strategy's ``input_dtype``, which it requires, else its input's, as
 bitsandbytes' layers return).
 
-The caller (``kbitprep._precision``) falls back to a structural rule where the dry run cannot
+The caller (the compute step, :mod:`kbitprep.steps.compute`) falls back to a structural rule where the dry run cannot
 decide (an input shape it cannot build, a forward that needs more arguments or reads real data).
 """
 
@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from kbitprep._compute import _ORIGINAL, _SPEC
+from kbitprep.steps.cast_at_use import _ORIGINAL, _SPEC
 
 __all__ = ["Verdict", "dry_run_input"]
 

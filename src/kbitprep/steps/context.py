@@ -1,22 +1,25 @@
-"""What every step planner reads: the model, the resolved strategy, the options and one
-inventory of parameters, taken once per :func:`kbitprep.plan` call."""
+"""What every step planner reads (the model, the resolved strategy, the options and one
+inventory of parameters, taken once per :func:`kbitprep.plan` call) and what each returns (a
+:class:`StepPlan`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kbitprep._distributed import DistributedDecision
 from kbitprep._errors import PlanWarning
 from kbitprep._hf import adapter_param_ids
-from kbitprep._options import Options
 from kbitprep._storage import is_storage_dtype
-from kbitprep.backends.base import QuantBackend
 
-__all__ = ["Context", "ParamEntry", "Step", "take_inventory"]
+if TYPE_CHECKING:
+    from kbitprep._options import Options
+    from kbitprep.backends.base import QuantBackend
+    from kbitprep.steps.distributed import DistributedDecision
+
+__all__ = ["Context", "ParamEntry", "StepPlan", "bits", "dtype_of", "nbytes_as", "prefix_of", "take_inventory"]
 
 
 @dataclass(slots=True)
@@ -78,16 +81,17 @@ class Context:
     distributed: DistributedDecision
 
 
-@dataclass(slots=True)
-class Step:
-    """What one step planner returns: its plan fields and its warnings."""
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """What one step planner returns: a frozen dataclass whose fields (other than ``warnings``)
+    are fields of :class:`~kbitprep.PreparationPlan`, each owned by exactly one step, and the
+    step's warnings."""
 
-    fields: dict[str, Any] = field(default_factory=dict)
-    warnings: list[PlanWarning] = field(default_factory=list)
+    warnings: tuple[PlanWarning, ...] = ()
 
-    def warn(self, kind: str, message: str) -> None:
-        """Add a warning of ``kind`` (a key of :data:`kbitprep._errors.WARNING_KINDS`)."""
-        self.warnings.append(PlanWarning(kind, message))
+    def plan_fields(self) -> dict[str, object]:
+        """The step's fields of the plan, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
 
 
 def take_inventory(model: nn.Module, strategy: QuantBackend) -> tuple[ParamEntry, ...]:
@@ -121,3 +125,15 @@ def prefix_of(model: nn.Module, base: nn.Module) -> str:
 def nbytes_as(param: torch.Tensor, dtype: torch.dtype) -> int:
     """Bytes ``param`` would take in ``dtype``."""
     return param.numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def bits(dtype: torch.dtype) -> int:
+    """Width of a floating dtype in bits."""
+    return torch.finfo(dtype).bits
+
+
+def dtype_of(text: str) -> torch.dtype:
+    """The ``torch.dtype`` a plan's dtype string names (``"torch.float32"`` or ``"float32"``)."""
+    value = getattr(torch, text.removeprefix("torch."))
+    assert isinstance(value, torch.dtype)
+    return value

@@ -1,5 +1,5 @@
 """Modules that compute in another dtype than they store: the runtime side of the precision
-model (planned in :mod:`kbitprep._precision`).
+model (planned by the compute step, :mod:`kbitprep.steps.compute`).
 
 A module the plan lists in ``PreparationPlan.precision`` gets a subclass of its own class whose
 ``forward`` casts floating inputs to the module's compute dtype, brings parameters stored
@@ -37,8 +37,9 @@ from torch.nn.utils.stateless import _reparametrize_module
 from kbitprep._errors import PrecisionWarning
 from kbitprep._plan import CastItem, PreparationPlan, UndoLog
 from kbitprep._storage import is_storage_dtype
+from kbitprep.steps.context import bits, dtype_of
 
-__all__ = ["ComputeSpec", "apply_precision", "spec_of"]
+__all__ = ["ComputeSpec", "install_adopt", "install_spec", "spec_of"]
 
 _SPEC = "_kbitprep_compute"
 _ORIGINAL = "_kbitprep_original_class"
@@ -217,7 +218,7 @@ def _rebuild(cls: type[nn.Module]) -> nn.Module:
     return module
 
 
-def _install(module: nn.Module, spec: ComputeSpec | None, log: UndoLog) -> None:
+def install_spec(module: nn.Module, spec: ComputeSpec | None, log: UndoLog) -> None:
     old_spec = spec_of(module)
     old_class = type(module)
     if spec is None:
@@ -238,12 +239,6 @@ def _restore(module: nn.Module, cls: type, spec: ComputeSpec | None) -> None:
         module.__dict__[_SPEC] = spec
 
 
-def _dtype(text: str) -> torch.dtype:
-    value = getattr(torch, text.removeprefix("torch."))
-    assert isinstance(value, torch.dtype)
-    return value
-
-
 # -- what appears after prepare ------------------------------------------------------------------
 
 # module -> the adoption hook of the model it was in at that hook's last walk (weakly on both
@@ -253,10 +248,6 @@ def _dtype(text: str) -> torch.dtype:
 # into, another model in the process) cost one dictionary look-up and change nothing
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[_Adopt]] = weakref.WeakKeyDictionary()
 _WATCHING: list[Any] = []  # the two registration-hook handles, once installed
-
-
-def _bits(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits
 
 
 def _is_compile_wrapper(module: nn.Module) -> bool:
@@ -410,7 +401,7 @@ class _Adopt:
         if "weight" not in own:
             return
         upcast = tuple(leaf for leaf, q in own.items() if q.dtype != rule.dtype)
-        _install(copy_, ComputeSpec(name, rule.dtype, upcast, rule.output), self.log)
+        install_spec(copy_, ComputeSpec(name, rule.dtype, upcast, rule.output), self.log)
 
     def _adopt(self, name: str, module: nn.Module) -> None:
         if spec_of(module) is not None or type(module) not in (nn.Linear, nn.Embedding):
@@ -418,9 +409,9 @@ class _Adopt:
         weight = module._parameters.get("weight")
         if weight is None or type(weight) is not nn.Parameter or not weight.is_floating_point():
             return
-        if _bits(weight.dtype) < _bits(self.dtype):
+        if bits(weight.dtype) < bits(self.dtype):
             upcast = tuple(n for n, q in module._parameters.items() if q is not None and q.dtype != self.dtype)
-            _install(module, ComputeSpec(name, self.dtype, upcast, None), self.log)
+            install_spec(module, ComputeSpec(name, self.dtype, upcast, None), self.log)
 
     def _store_trainable_wide(
         self, modules: list[tuple[str, nn.Module]], copies: set[int], target: torch.dtype
@@ -434,7 +425,7 @@ class _Adopt:
                     continue
                 holders.setdefault(id(param), []).append((name, module, leaf))
                 wanted = (spec is not None and leaf in spec.upcast) or id(module) in copies
-                if wanted and param.requires_grad and _plain_float(param) and _bits(param.dtype) < _bits(target):
+                if wanted and param.requires_grad and _plain_float(param) and bits(param.dtype) < bits(target):
                     low[id(param)] = param
         changed: dict[int, tuple[str, nn.Module, torch.dtype]] = {}
         for key, param in low.items():
@@ -459,7 +450,7 @@ class _Adopt:
         old = spec_of(module)
         before = stored if old is None else old.dtype
         own = {leaf: q for leaf, q in module._parameters.items() if q is not None and _plain_float(q)}
-        dtype = max((before, *(q.dtype for q in own.values())), key=_bits)
+        dtype = max((before, *(q.dtype for q in own.values())), key=bits)
         upcast = tuple(leaf for leaf, q in own.items() if q.dtype != dtype)
         if old is not None and old.output is not None:
             output: torch.dtype | None = old.output
@@ -467,10 +458,10 @@ class _Adopt:
             output = before if dtype != before else None
         spec = ComputeSpec(name, dtype, upcast, output)
         if spec != old:
-            _install(module, spec, self.log)
+            install_spec(module, spec, self.log)
 
 
-def _install_adopt(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
+def install_adopt(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
     """One adoption hook per model: an earlier ``prepare``'s hook is taken off wherever it is
     (on the base model when this call gets the ``PeftModel`` around it), then this plan's added."""
     for module in model.modules():
@@ -480,28 +471,6 @@ def _install_adopt(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
                 del hooks[key]
                 log.add(functools.partial(_put_back, hooks, key, hook))
     if p.precision and p.compute_dtype is not None:
-        trainable = None if p.trainable_dtype is None else _dtype(p.trainable_dtype)
-        handle = model.register_forward_pre_hook(_Adopt(_dtype(p.compute_dtype), trainable, log))
+        trainable = None if p.trainable_dtype is None else dtype_of(p.trainable_dtype)
+        handle = model.register_forward_pre_hook(_Adopt(dtype_of(p.compute_dtype), trainable, log))
         log.add(handle.remove)
-
-
-def apply_precision(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
-    """Give every module in ``p.precision`` its compute-dtype rule, and take it from any module
-    an earlier ``prepare`` gave one that this plan does not list (so repeated prepares with
-    other options never leave a stale rule)."""
-    wanted = {m.name: m for m in p.precision}
-    for name, module in model.named_modules():
-        row = wanted.get(name)
-        if row is None:
-            if spec_of(module) is not None:
-                _install(module, None, log)
-            continue
-        spec = ComputeSpec(
-            name,
-            _dtype(row.computes),
-            row.upcast_at_use,
-            None if row.output_to is None else _dtype(row.output_to),
-        )
-        if spec_of(module) != spec:
-            _install(module, spec, log)
-    _install_adopt(model, p, log)

@@ -1,192 +1,60 @@
-"""The cast and compute-dtype step planners, and the cast apply step.
+"""The compute step: one compute dtype per model, the modules that compute in another dtype
+than they store, the activations' dtype and the floating model inputs; applied as the runtime
+rules of :mod:`kbitprep.steps.cast_at_use`.
 
-One compute dtype per model (DESIGN "The orchestrator"): the quantized layers' compute dtype
-(``QuantBackend.compute_dtype``, read from the layers present), else the dtype the upcast
-produces, else the model's dtype. A module computes in the dtype its parameters have after the
-casts of the same call without ``keep_in_low_precision``, or at the compute dtype where that is
-narrower (issue 11), its parameters stored narrower brought up at use (:mod:`kbitprep._compute`).
+The quantized layers' compute dtype (``QuantBackend.compute_dtype``, read from the layers
+present), else the dtype the upcast produces, else the model's dtype. A module computes in the
+dtype its parameters have after the casts of the same call without ``keep_in_low_precision``, or
+at the compute dtype where that is narrower, its parameters stored narrower brought up at use.
 So keeping a module low changes its storage only: it computes as it would have without keep (for
 bitsandbytes under ``upcast="auto"``, at ``upcast_dtype``, as peft), and the activation dtype,
-the boundary casts and the model inputs are those of the call without keep (issue 16).
-Activations flow in the widest compute dtype (``activation_dtype``); a module computing in
-another dtype has its inputs cast to its own, and inside a repeated block its output cast back.
-When no module needs any of this (peft's default policies), nothing is added.
+the boundary casts and the model inputs are those of the call without keep. Activations flow in
+the widest compute dtype (``activation_dtype``); a module computing in another dtype has its
+inputs cast to its own, and inside a repeated block its output cast back. When no module needs
+any of this (peft's default policies), nothing is added.
 
 A floating model input left to the caller is checked by a dry run on the meta device
-(:mod:`kbitprep._input_check`): a warning says it must now be passed in another dtype only
+(:mod:`kbitprep.steps.input_check`): a warning says it must now be passed in another dtype only
 when its old dtype would fail or make its first consumer compute otherwise.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kbitprep._context import Context, ParamEntry, Step, nbytes_as
-from kbitprep._errors import InvalidArgumentError, PlanWarning
-from kbitprep._input_check import dry_run_input
+from kbitprep._errors import PlanWarning
 from kbitprep._names import covering, match_names
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, UndoLog
 from kbitprep._storage import is_storage_dtype, tensor_nbytes
+from kbitprep.steps.cast import target_dtype
+from kbitprep.steps.cast_at_use import ComputeSpec, install_adopt, install_spec, spec_of
+from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, dtype_of
+from kbitprep.steps.input_check import dry_run_input
 
-__all__ = ["apply_casts", "plan_casts", "plan_compute"]
-
-# casts from these to a wider float are exact, so undo casts back instead of keeping copies
-_WIDENING = {
-    torch.float16: (torch.float32, torch.float64),
-    torch.bfloat16: (torch.float32, torch.float64),
-    torch.float32: (torch.float64,),
-}
+__all__ = ["ComputePlan", "apply", "plan"]
 
 # floating inputs transformers models take (audio features, images, precomputed embeddings)
 FLOAT_INPUTS = ("input_features", "input_values", "pixel_values", "pixel_values_videos", "inputs_embeds")
 
 
-def _bits(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits
+@dataclass(frozen=True, kw_only=True)
+class ComputePlan(StepPlan):
+    """The compute step's decisions (fields of :class:`~kbitprep.PreparationPlan`)."""
 
-
-def _target(ctx: Context, e: ParamEntry) -> torch.dtype | None:
-    """The dtype the plan casts ``e`` to, or None (kept patterns already excluded)."""
-    p, opts, dist = e.param, ctx.options, ctx.distributed
-    if dist.mode is not None and not dist.upcast_kept:  # one dtype for the engine; never an upcast
-        wanted = dist.shard_dtype if dist.cast_to_shard_dtype else None
-        return wanted if wanted is not None and p.dtype != wanted else None
-    name = e.names[0]
-    if opts.upcast == "auto":
-        wanted_cast = ctx.strategy.should_upcast(name, p, e.module)
-    elif opts.upcast in ("all", "none"):
-        wanted_cast = opts.upcast == "all"
-    else:
-        wanted_cast = _ask_policy(opts.upcast, name, p, e.module)
-    return opts.upcast_dtype if wanted_cast and p.dtype != opts.upcast_dtype else None
-
-
-def _ask_policy(
-    policy: Callable[[str, nn.Parameter, nn.Module], object], name: str, p: nn.Parameter, m: nn.Module
-) -> bool:
-    """The answer of a callable ``upcast`` for one parameter: ``True`` or ``False`` (a 0-d bool
-    tensor counts), asked while planning, so a bad policy changes nothing.
-
-    Raises:
-        InvalidArgumentError: The callable raised, or returned something else than a bool
-            (``"no"`` would otherwise read as True and cast everything).
-    """
-    where = f"for parameter {name!r} ({p.dtype}, shape {tuple(p.shape)})"
-    try:
-        answer = policy(name, p, m)
-    except Exception as exc:
-        raise InvalidArgumentError(
-            f"The upcast callable raised {type(exc).__name__}: {exc} {where}. It is called as "
-            "upcast(name, param, module) for every floating parameter that is not quantized storage and must "
-            "return True (cast) or False; nothing was changed."
-        ) from exc
-    if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
-        return bool(answer)
-    if not isinstance(answer, bool):
-        raise InvalidArgumentError(
-            f"The upcast callable returned {answer!r} ({type(answer).__name__}) {where}; it must return True "
-            "(cast) or False. Nothing was changed."
-        )
-    return answer
-
-
-def plan_casts(ctx: Context) -> Step:
-    """Which plain floating parameters are cast, and the bytes it costs."""
-    step = Step()
-    casts: list[CastItem] = []
-    matched: set[str] = set()
-    lowered: set[str] = set()  # patterns that hold at least one parameter below the upcast dtype
-    # raises InvalidArgumentError for a pattern that matches nothing, before anything changes
-    keep = match_names(ctx.model, ctx.prefix, ctx.options.keep, regex=ctx.options.keep_regex)
-    # a quantized layer's own floating parameters (a bitsandbytes bias) follow the policy: the
-    # layer converts them to its compute dtype at first use (bitsandbytes 0.50 re-stores
-    # Linear4bit's bias at the compute dtype), so holding them low would save nothing
-    quantized_layers = {id(e.module) for e in ctx.inventory if e.storage}
-    for e in ctx.inventory:
-        if not e.castable:
-            continue
-        hits = [] if e.adapter or id(e.module) in quantized_layers else covering(keep, e.names)
-        matched.update(hits)
-        if _bits(e.param.dtype) < _bits(ctx.options.upcast_dtype):
-            lowered.update(hits)
-        to = None if hits else _target(ctx, e)
-        if to is not None:
-            p = e.param
-            item = CastItem(
-                e.names[0],
-                tuple(p.shape),
-                str(p.dtype),
-                str(to),
-                tensor_nbytes(p),
-                nbytes_as(p, to),
-                tuple(e.names[1:]),
-            )
-            casts.append(item)
-    for found in keep:
-        pattern = found.pattern
-        if pattern not in matched:
-            step.warn(
-                "precision",
-                f"keep_in_low_precision pattern {pattern!r} matches {len(found.modules) + len(found.params)} "
-                f"module(s) or parameter(s) (first: {found.first!r}), but nothing under them is a floating parameter the "
-                "plan could cast (quantized storage and attached adapters are never held low), so it changes nothing.",
-            )
-        elif pattern not in lowered:
-            step.warn(
-                "precision",
-                f"keep_in_low_precision pattern {pattern!r} matches only parameters already in "
-                f"{ctx.options.upcast_dtype} or wider (an earlier prepare may have upcast them); kbitprep never "
-                "casts down, so they stay as they are. Undo the earlier preparation (report.undo()) first to keep "
-                "them low.",
-            )
-    delta = sum(c.bytes_after - c.bytes_before for c in casts)
-    step.warnings.extend(_cast_warnings(ctx, casts, delta))
-    step.fields.update(casts=tuple(casts), bytes_delta=delta)
-    return step
-
-
-def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[PlanWarning]:
-    opts, strategy = ctx.options, ctx.strategy
-    found: list[PlanWarning] = []
-    if not casts or (ctx.distributed.mode is not None and not ctx.distributed.upcast_kept):
-        return found
-    if opts.upcast == "all" and not strategy.unquantized:
-        auto = any(strategy.should_upcast(e.names[0], e.param, e.module) for e in ctx.inventory if e.plain_float)
-        if not auto:
-            found.append(
-                PlanWarning(
-                    "memory",
-                    f"upcast='all' on a {strategy.name} model: its quantized kernels expect their own compute dtype; "
-                    f"kbitprep casts the inputs of those layers to it, but the upcast costs {delta:,} bytes for no "
-                    "accuracy the kernels can use.",
-                )
-            )
-    if strategy.unquantized and delta > 0:
-        what = (
-            "The model is not quantized" if opts.backend == "auto" else "backend=none treats the model as unquantized"
-        )
-        found.append(
-            PlanWarning(
-                "memory",
-                f"{what}; upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds {delta:,} bytes "
-                f"({delta} bytes), as peft does. Pass upcast='none' to keep the model's dtype.",
-            )
-        )
-    return found
-
-
-# -- compute dtype ----------------------------------------------------------------------------
+    compute_dtype: str | None = None
+    activation_dtype: str | None = None
+    precision: tuple[ModulePrecision, ...] = ()
+    model_inputs: tuple[ModelInput, ...] = ()
 
 
 def _final_dtypes(ctx: Context, casts: tuple[CastItem, ...]) -> dict[int, torch.dtype]:
-    to = {c.name: _dtype(c.to_dtype) for c in casts}
+    to = {c.name: dtype_of(c.to_dtype) for c in casts}
     return {id(e.param): to.get(e.names[0], e.param.dtype) for e in ctx.inventory if e.castable}
 
 
@@ -207,7 +75,7 @@ def _unkept_dtypes(ctx: Context, final: dict[int, torch.dtype]) -> dict[int, tor
     unkept = dict(final)
     for e in ctx.inventory:
         if e.castable and not e.adapter and covering(keep, e.names):
-            to = _target(ctx, e)
+            to = target_dtype(ctx, e)
             if to is not None:
                 unkept[id(e.param)] = to
     return unkept
@@ -275,7 +143,7 @@ def _module_rows(
             stored = {leaf: final[id(e.param)] for leaf, e in params}
             wanted = {leaf: unkept[id(e.param)] for leaf, e in params}
             main = wanted.get("weight", next(iter(wanted.values())))
-            computes = compute if _bits(main) < _bits(compute) else main
+            computes = compute if bits(main) < bits(compute) else main
             yield _Row(
                 name,
                 stored.get("weight", next(iter(stored.values()))),
@@ -288,12 +156,12 @@ def _module_rows(
 def _activation_dtype(rows: list[_Row], compute: torch.dtype) -> torch.dtype:
     if not rows:
         return compute
-    widest = max(_bits(r.computes) for r in rows)
-    candidates = Counter(r.computes for r in rows if _bits(r.computes) == widest)
+    widest = max(bits(r.computes) for r in rows)
+    candidates = Counter(r.computes for r in rows if bits(r.computes) == widest)
     return compute if compute in candidates else candidates.most_common(1)[0][0]
 
 
-def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
+def plan(ctx: Context, casts: tuple[CastItem, ...]) -> ComputePlan:
     """The compute dtype, the activation dtype, the modules that compute in another dtype than
     they store or than the activations around them, and the floating model inputs.
 
@@ -303,12 +171,11 @@ def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
     (its weight brought up at use) even where that call mixes nothing; its input cast is then to
     the activations' dtype, which is what it receives there.
     """
-    step = Step()
     final = _final_dtypes(ctx, casts)
     unkept = _unkept_dtypes(ctx, final)
     compute = _model_compute_dtype(ctx, unkept)
     if compute is None:
-        return step
+        return ComputePlan()
     rows = list(_module_rows(ctx, final, unkept, compute))
     act = _activation_dtype(rows, compute)
     mixed = any(r.computes != act or r.unkept_upcast for r in rows)  # without keep patterns
@@ -325,14 +192,13 @@ def plan_compute(ctx: Context, casts: tuple[CastItem, ...]) -> Step:
         out = str(act) if r.computes != act and r.name in feeding else None
         precision.append(ModulePrecision(r.name, str(r.stored), str(r.computes), r.upcast, out))
     checked = _check_inputs(ctx, inputs, unkept)
-    step.fields.update(
+    return ComputePlan(
         compute_dtype=str(compute),
         activation_dtype=str(act),
         precision=tuple(precision),
         model_inputs=tuple(i for i, _w in checked),
+        warnings=tuple(PlanWarning("precision", w) for _i, w in checked if w),
     )
-    step.warnings.extend(PlanWarning("precision", w) for _i, w in checked if w)
-    return step
 
 
 def _names_feeding_blocks(model: nn.Module) -> set[str]:
@@ -399,7 +265,7 @@ def _check_inputs(
 
     An input the plan casts itself, or whose first module keeps its dtype, is kept as found. For
     one left to the caller whose first module now holds another dtype than before, the module
-    that takes it is dry-run on the meta device (:func:`kbitprep._input_check.dry_run_input`)
+    that takes it is dry-run on the meta device (:func:`kbitprep.steps.input_check.dry_run_input`)
     with the input in its old dtype and in the planned one. Issue 16 ("no warning that is not
     true for the model at hand"): a warning is given only when the old dtype fails there or
     makes its first consumer return other dtypes, and the input is dropped from the plan when
@@ -416,7 +282,7 @@ def _check_inputs(
         if item.cast or not own or str(own[0].dtype) == item.dtype:
             found.append((item, None))
             continue
-        old, planned = own[0].dtype, _dtype(item.dtype)
+        old, planned = own[0].dtype, dtype_of(item.dtype)
         verdicts = dry_run_input(
             modules[owner], owner, item.name, unkept, storage, lambda m: _kernel_dtype(ctx, m), old, planned
         )
@@ -450,33 +316,23 @@ def _check_inputs(
     return found
 
 
-# -- apply ------------------------------------------------------------------------------------
-
-
-def _dtype(text: str) -> torch.dtype:
-    value = getattr(torch, text.removeprefix("torch."))
-    assert isinstance(value, torch.dtype)
-    return value
-
-
-def _cast_data(param: nn.Parameter, dtype: torch.dtype) -> None:
-    param.data = param.data.to(dtype)
-
-
-def apply_casts(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
-    """Cast what ``p.casts`` lists; a widening cast is undone by casting back (exact), any
-    other keeps the original storage to restore."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for c in p.casts:
-        param = params[c.name]
-        to = _dtype(c.to_dtype)
-        if param.dtype == to:
+def apply(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
+    """Give every module in ``p.precision`` its compute-dtype rule, and take it from any module
+    an earlier ``prepare`` gave one that this plan does not list (so repeated prepares with
+    other options never leave a stale rule)."""
+    wanted = {m.name: m for m in p.precision}
+    for name, module in model.named_modules():
+        row = wanted.get(name)
+        if row is None:
+            if spec_of(module) is not None:
+                install_spec(module, None, log)
             continue
-        old = param.dtype
-        if to in _WIDENING.get(old, ()):
-            param.data = param.data.to(to)
-            log.add(functools.partial(_cast_data, param, old))
-        else:
-            original = param.data
-            param.data = param.data.to(to)
-            log.add(functools.partial(setattr, param, "data", original))
+        spec = ComputeSpec(
+            name,
+            dtype_of(row.computes),
+            row.upcast_at_use,
+            None if row.output_to is None else dtype_of(row.output_to),
+        )
+        if spec_of(module) != spec:
+            install_spec(module, spec, log)
+    install_adopt(model, p, log)
