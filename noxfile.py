@@ -1,4 +1,6 @@
-"""Sessions: tests (default), lint, typecheck, demo, bench, docs, fuzz, tests_transformers4, tests_gpu.
+"""Sessions. CI (`.ci/run`, the README's test command) runs the five of ``nox.options.sessions``:
+lint, typecheck, tests (not slow), tests_slow, tests_transformers4. The others, run by name: demo,
+bench, docs, coverage_page, fuzz, tests_gpu.
 
 Every session installs torch 2.13.0 (the CPU build) first and keeps it pinned with
 ``constraints.txt``, so no package can drag in a multi-GB CUDA build.
@@ -11,7 +13,9 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "tests_transformers4"]
+# what `python3 -m nox` runs with no -s: the README's test command and .ci/run, in this order
+CI_SESSIONS = ["lint", "typecheck", "tests", "tests_slow", "tests_transformers4"]
+nox.options.sessions = CI_SESSIONS
 nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
@@ -39,11 +43,24 @@ def _install_test_env(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite on CPU (real quantization); extra arguments go to pytest."""
+    """The test suite on CPU (real quantization) except the slow-marked tests; arguments go to pytest.
+
+    A ``-m`` among the arguments replaces ``not slow``. gpu-marked tests skip themselves without CUDA
+    (tests/conftest.py); run them with tests_gpu."""
     _install_test_env(session)
-    session.run("pytest", *session.posargs, env=ENV)
+    session.run("pytest", "-m", "not slow", *session.posargs, env=ENV)
     if os.path.isdir("examples/toyquant-plugin/tests"):
         session.run("pytest", "examples/toyquant-plugin/tests", "-p", "no:cacheprovider", env=ENV)
+
+
+@nox.session
+def tests_slow(session: nox.Session) -> None:
+    """The slow-marked tests, in the environment of tests; arguments go to pytest.
+
+    Real SmolLM2 runs, torch.compile checks, multi-process launches (FSDP, DeepSpeed, Trainer) and the
+    heavier parametrized variants. tests and tests_slow together run every test."""
+    _install_test_env(session)
+    session.run("pytest", "-m", "slow", *session.posargs, env=ENV)
 
 
 @nox.session(default=False)
@@ -100,9 +117,10 @@ def tests_transformers4(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and format check."""
+    """ruff check and ruff format --check."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", "src", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
 
 
 @nox.session

@@ -214,8 +214,9 @@ def test_demo_json_has_exactly_the_issue_keys(
 @pytest.mark.parametrize(
     ("quantization", "backend"),
     [
-        ("fp4", "bitsandbytes"),
-        ("int8", "bitsandbytes"),
+        # the other bitsandbytes demos (the demo tests above and below run nf4): nox -s tests_slow
+        pytest.param("fp4", "bitsandbytes", marks=pytest.mark.slow),
+        pytest.param("int8", "bitsandbytes", marks=pytest.mark.slow),
         ("torchao-int8", "torchao"),
         ("torchao-int4", "torchao"),
         ("none", "none"),

@@ -133,6 +133,7 @@ def _short_dtype(dtype: str) -> str:
 # -- tests on the 2-rank runs -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", TRAINED + ("trainer",))
 def test_trains_under_zero3(ranks: list[dict[str, Any]], scenario: str) -> None:
     runs = [r[scenario] for r in ranks]
@@ -159,6 +160,7 @@ def _peft_upcasts(ranks: list[dict[str, Any]]) -> set[str]:
     return {n for n, d in before.items() if d == "torch.float32" and "lora_" not in n}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", [*KBITPREP, "trainer"])
 def test_engine_dtypes_match_plan(ranks: list[dict[str, Any]], scenario: str) -> None:
     for run in (r[scenario] for r in ranks):
@@ -176,6 +178,7 @@ def test_engine_dtypes_match_plan(ranks: list[dict[str, Any]], scenario: str) ->
         assert wrong == {}, wrong
 
 
+@pytest.mark.slow
 def test_expected_engine_dtypes(ranks: list[dict[str, Any]]) -> None:
     """The engine's dtypes, written out from DeepSpeed 0.19.8's cast rule (engine.py)."""
     rank0 = ranks[0]
@@ -199,6 +202,7 @@ def test_expected_engine_dtypes(ranks: list[dict[str, Any]]) -> None:
     }
 
 
+@pytest.mark.slow
 def test_engine_undoes_peft_upcast(ranks: list[dict[str, Any]]) -> None:
     # peft upcasts norms, embeddings and lm_head to fp32; DeepSpeed's bf16 mode converts them back
     run = ranks[0]["nf4_peft"]
@@ -209,6 +213,7 @@ def test_engine_undoes_peft_upcast(ranks: list[dict[str, Any]]) -> None:
     assert {ranks[0]["nf4_peft_fp32"]["after"][n] for n in upcast} == {"torch.float32"}
 
 
+@pytest.mark.slow
 def test_checkpointing_modes(ranks: list[dict[str, Any]]) -> None:
     """Non-reentrant (kbitprep's default) trains on DeepSpeed 0.19.8; with the recompute fix of
     DeepSpeed PR #8148 switched off (DeepSpeed before 0.19.3) it fails, and reentrant trains."""
@@ -227,6 +232,7 @@ def test_checkpointing_modes(ranks: list[dict[str, Any]]) -> None:
         assert [r[scenario]["losses"] for r in ranks] == ref, scenario
 
 
+@pytest.mark.slow
 def test_scenarios_leave_nothing_behind(ranks: list[dict[str, Any]]) -> None:
     """The failing scenario runs first; the switch it turns off in DeepSpeed (a module global) is
     back on after every scenario, so each one runs on the engine as installed."""
@@ -235,6 +241,7 @@ def test_scenarios_leave_nothing_behind(ranks: list[dict[str, Any]]) -> None:
         assert res[LAUNCHED[0]].get("error", "").startswith("CheckpointError"), rank
 
 
+@pytest.mark.slow
 def test_step1_loss_matches_one_process(ranks: list[dict[str, Any]], model_root: str) -> None:
     # before the first step the adapter is a no-op (lora_B = 0): each rank's step-1 loss is the
     # base model's loss on that rank's half of the global batch

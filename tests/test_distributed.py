@@ -222,6 +222,7 @@ def ranks(model_root: str, tmp_path_factory: pytest.TempPathFactory) -> list[dic
 # -- tests on the 2-process runs ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["fsdp2_kbitprep", "fsdp1_kbitprep"])
 def test_trains_sharded_across_two_ranks(ranks: list[dict[str, Any]], scenario: str) -> None:
     runs = [r[scenario] for r in ranks]
@@ -243,6 +244,7 @@ def test_trains_sharded_across_two_ranks(ranks: list[dict[str, Any]], scenario: 
     assert any(bool(w0[n].abs().sum() > 0) for n in w0 if "lora_B" in n), "training moved lora_B away from 0"
 
 
+@pytest.mark.slow
 def test_fsdp1_refuses_peft_preparation(ranks: list[dict[str, Any]]) -> None:
     # peft upcasts norms and embeddings to fp32 beside the bf16-stored 4-bit weights
     for run in (r["fsdp1_peft"] for r in ranks):
@@ -250,6 +252,7 @@ def test_fsdp1_refuses_peft_preparation(ranks: list[dict[str, Any]]) -> None:
         assert run.get("error", "").startswith("ValueError: " + FSDP1_MIXED_DTYPES), run
 
 
+@pytest.mark.slow
 def test_single_process_loss_matches_two_rank_mean(ranks: list[dict[str, Any]], model_root: str) -> None:
     model = _load_bf16_storage(saved_tiny(model_root))
     kbitprep.prepare(model, distributed="fsdp")

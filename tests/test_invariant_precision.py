@@ -162,6 +162,7 @@ def test_a_kept_module_computes_at_the_dtype_the_plan_would_cast_it_to(model_roo
     policy=st.sampled_from(list(POLICIES)),
     keep=st.sampled_from(list(KEEPS)),
 )
+@pytest.mark.slow
 def test_keep_changes_storage_only_for_any_policy(
     quant: str, tie: bool, policy: str, keep: str, model_root: str
 ) -> None:

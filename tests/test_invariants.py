@@ -227,6 +227,7 @@ def test_known_gaps_of_subtree_keeps_still_differ(arch: str, quant: str, model_r
     adapter=st.sampled_from(["lora", "modules_to_save", "tied_modules_to_save"]),
     options=st.sampled_from(list(OPTIONS)),
 )
+@pytest.mark.slow
 def test_keep_changes_storage_only_for_any_options(
     arch: str, quant: str, subtree: bool, adapter: str, options: str, model_root: str
 ) -> None:

@@ -505,6 +505,7 @@ def check_training(model: nn.Module) -> None:
     model.eval()
 
 
+@pytest.mark.slow
 @given(s=scenarios())
 def test_prepare_invariants_hold_for_any_model_and_options(s: Scenario) -> None:
     """Storage bytes kept, base frozen / adapters trainable, plan == prepare (casts, bytes_delta,
