@@ -159,7 +159,8 @@ ROWS: tuple[CoverageRow, ...] = (
         "torchao",
         "tensor subclasses reporting a float dtype (Int8Tensor, IntxUnpackedToInt8Tensor, ...)",
         _NO_UPCAST,
-        "per config: int8 weight-only yes; int4 and dynamic activation no",
+        "per config: int8 weight-only yes; intx int4 weight-only yes (prepared with a warning that "
+        "transformers' Trainer refuses it unless kbitprep.mark_trainable is applied); dynamic activation no",
         ("tests/cases/test_kernel_traps.py::test_torchao_trainability_is_decided_per_layer",),
     ),
     CoverageRow(
