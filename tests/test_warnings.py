@@ -13,8 +13,12 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, load, saved_tiny, tiny_llama
+from _fixtures import add_lora, bnb4_config, load, saved_tiny, tiny_llama, transformers_major
 from kbitprep._errors import WARNING_KINDS
+
+# transformers 4.57: the meta-device check of the first module cannot decide for an unquantized
+# Llama, so the structural rule also warns that inputs_embeds must now be fp32 (a precision note)
+INPUT_NOTE = ["precision"] if transformers_major() < 5 else []
 
 
 def _plan_kinds(p: kbitprep.PreparationPlan) -> list[str]:
@@ -38,7 +42,7 @@ def test_unquantized_model_warns_memory_and_checkpointing() -> None:
     leaves it (checkpointing)."""
     p = kbitprep.plan(tiny_llama(torch.bfloat16))
     kinds = _plan_kinds(p)
-    assert sorted(kinds) == ["checkpointing", "memory"]
+    assert sorted(kinds) == sorted(["checkpointing", "memory", *INPUT_NOTE])
     memory = next(w for w in p.warnings if w.kind == "memory")
     assert f"{p.bytes_delta:,} bytes" in memory and memory.category is kbitprep.MemoryWarning
     assert p.to_dict()["warning_kinds"] == kinds
@@ -51,15 +55,14 @@ def test_prepare_emits_each_kind_as_its_category_and_filters_by_kind() -> None:
         warnings.simplefilter("always")
         report = kbitprep.prepare(tiny_llama(torch.bfloat16))
     emitted = sorted(w.category.__name__ for w in caught if issubclass(w.category, kbitprep.KbitPrepWarning))
-    assert emitted == ["CheckpointingWarning", "MemoryWarning"]
+    assert emitted == sorted(["CheckpointingWarning", "MemoryWarning", *(["PrecisionWarning"] if INPUT_NOTE else [])])
     assert sorted(str(w.message) for w in caught) == sorted(str(w) for w in report.warnings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=kbitprep.MemoryWarning)
         kbitprep.prepare(tiny_llama(torch.bfloat16))
-    assert [w.category for w in caught if issubclass(w.category, kbitprep.KbitPrepWarning)] == [
-        kbitprep.CheckpointingWarning
-    ]
+    left = sorted(w.category.__name__ for w in caught if issubclass(w.category, kbitprep.KbitPrepWarning))
+    assert left == sorted(["CheckpointingWarning", *(["PrecisionWarning"] if INPUT_NOTE else [])])
 
 
 def test_keep_pattern_that_keeps_nothing_is_a_precision_warning(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ pytest.importorskip("torchao", reason="torchao is not installed (pip install 'kb
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import load, saved_tiny  # noqa: E402
+from _fixtures import load, saved_tiny, transformers_major  # noqa: E402
 from kbitprep.backends.torchao import TorchAoBackend  # noqa: E402
 from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
@@ -70,7 +70,12 @@ def test_auto_upcasts_nothing_and_int8_weights_keep_their_type(model_root: str) 
 
     p = kbitprep.plan(model, upcast="auto")
     assert p.backend == "torchao"
-    assert (p.casts, p.bytes_delta, p.warnings) == ((), 0, ())
+    assert (p.casts, p.bytes_delta) == ((), 0)
+    # transformers 4.57's TorchAoHfQuantizer.is_trainable compares quant_type with strings, so it
+    # reads every AOBaseConfig as untrainable: the one true warning there is that Trainer refuses it
+    expected = [] if transformers_major() >= 5 else ["backend"]
+    assert [w.kind for w in p.warnings] == expected
+    assert all("transformers marks this torchao config non-trainable" in w for w in p.warnings)
 
     kbitprep.prepare(model, upcast="auto")
     assert {n: q.dtype for n, q in model.named_parameters()} == dtypes
