@@ -25,12 +25,13 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError
 
-__all__ = ["NameMatch", "covering", "match_names"]
+__all__ = ["NameMatch", "covering", "keep_patterns", "match_keep", "match_names"]
 
 _GLOB = frozenset("*?[")
 
@@ -136,6 +137,54 @@ def match_names(
             raise InvalidArgumentError(_no_match(model, pattern, regex, option, names))
         found.append(NameMatch(pattern, frozenset(hit_modules), frozenset(hit_params), (hit_modules + hit_params)[0]))
     return found
+
+
+def keep_patterns(keep_in_low_precision: object) -> tuple[tuple[str, ...], bool]:
+    """``keep_in_low_precision`` read as ``(patterns, regex)``: a single string is one regular
+    expression (peft's ``target_modules`` convention), any other iterable a sequence of names.
+
+    Raises:
+        InvalidArgumentError: An empty string, a string that does not compile as a regular
+            expression, something not iterable, or an element that is not a non-empty string.
+    """
+    if isinstance(keep_in_low_precision, str):
+        if not keep_in_low_precision:
+            raise InvalidArgumentError(
+                "keep_in_low_precision='' names nothing; pass a sequence of module names such as "
+                "('lm_head', 'embed_tokens') or a regular expression such as r'.*\\.mlp'."
+            )
+        try:
+            re.compile(keep_in_low_precision)
+        except re.error as exc:
+            raise InvalidArgumentError(
+                f"keep_in_low_precision={keep_in_low_precision!r} is a single string, so it is read as a regular "
+                f"expression (full-matched against module names, as peft reads target_modules), and it does not "
+                f"compile: {exc}. Pass a sequence such as ({keep_in_low_precision!r},) to match a name instead."
+            ) from None
+        return (keep_in_low_precision,), True
+    try:
+        keep: tuple[Any, ...] = tuple(keep_in_low_precision)  # type: ignore[call-overload,arg-type]
+    except TypeError:
+        raise InvalidArgumentError(
+            f"keep_in_low_precision must be a sequence of module names such as ('lm_head',) or one regular "
+            f"expression (str); got {keep_in_low_precision!r}."
+        ) from None
+    if not all(isinstance(k, str) and k for k in keep):
+        raise InvalidArgumentError(
+            f"keep_in_low_precision must hold non-empty strings (module or parameter names, exact or a dotted "
+            f"suffix; globs allowed); got {keep!r}."
+        )
+    return keep, False
+
+
+def match_keep(model: nn.Module, prefix: str, keep_in_low_precision: object) -> list[NameMatch]:
+    """:func:`match_names` for the ``keep_in_low_precision`` option as the caller passed it.
+
+    Raises:
+        InvalidArgumentError: As :func:`keep_patterns` and :func:`match_names`.
+    """
+    patterns, regex = keep_patterns(keep_in_low_precision)
+    return match_names(model, prefix, patterns, regex=regex)
 
 
 def _closest(pattern: str, names: Iterable[str]) -> list[str]:

@@ -1,8 +1,9 @@
 """The orchestrator: ``plan`` decides, ``prepare`` applies, ``PreparationReport.undo`` reverts.
 
 ``plan`` checks the arguments and runs the step planners of :mod:`kbitprep.steps` (resolve →
-distributed → trainability → freeze → cast → compute → checkpoint), each returning its typed step
-plan; ``prepare`` applies the plan and nothing else, step by step. Backend differences are
+distributed → trainability → freeze → cast → compute → checkpoint; each ``plan_<step>``), each given the options it
+reads and returning its typed step plan; ``prepare`` applies the plan and nothing else, step by
+step. Backend differences are
 capabilities the strategy declares (``QuantBackend``); no backend name is compared here.
 """
 
@@ -10,15 +11,23 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError, InvalidModelError
-from kbitprep._options import PrepareOptions, UpcastPolicy, parse_options
+from kbitprep._options import DistributedMode, PrepareOptions, UpcastPolicy, check_options
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, PreparationReport
-from kbitprep.steps.run import apply_steps, plan_steps
+from kbitprep.steps.cast import plan_casts
+from kbitprep.steps.checkpoint import plan_checkpointing
+from kbitprep.steps.compute import plan_compute
+from kbitprep.steps.distributed import plan_distributed
+from kbitprep.steps.freeze import plan_freeze
+from kbitprep.steps.resolve import plan_backend
+from kbitprep.steps.run import apply_steps, compose
+from kbitprep.steps.trainability import plan_trainability
 
 __all__ = [
     "CastItem",
@@ -65,7 +74,16 @@ def plan(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: Mapping[str, Any] | None = None,
-    **options: Unpack[PrepareOptions],
+    *,
+    backend: str = "auto",
+    upcast: UpcastPolicy = "auto",
+    upcast_dtype: torch.dtype = torch.float32,
+    keep_in_low_precision: str | Iterable[str] = (),
+    distributed: DistributedMode = None,
+    activation_offload: bool = False,
+    checkpoint_every_n_layers: int = 1,
+    checkpoint_trainable_blocks_only: bool = False,
+    **unknown: object,
 ) -> PreparationPlan:
     r"""Decide how to prepare ``model`` for k-bit adapter training; change nothing.
 
@@ -123,13 +141,38 @@ def plan(
         NotTrainableError: The backend says adapters cannot train.
         NotShardableError: The distributed engine cannot shard the quantized storage.
     """
-    unknown = sorted(set(options) - set(PrepareOptions.__annotations__))
     if unknown:
         raise InvalidArgumentError(
-            f"Unknown option(s) {unknown}; plan/prepare take {sorted(PrepareOptions.__annotations__)}."
+            f"Unknown option(s) {sorted(unknown)}; plan/prepare take {sorted(PrepareOptions.__annotations__)}."
         )
-    opts = parse_options(use_gradient_checkpointing, gradient_checkpointing_kwargs, **options)
-    return plan_steps(_validate_model(model), opts)
+    # positional, in the order of the signatures they fill: each option reaches the step that reads it
+    check_options(
+        use_gradient_checkpointing,
+        gradient_checkpointing_kwargs,
+        backend,
+        upcast,
+        upcast_dtype,
+        keep_in_low_precision,
+        distributed,
+        activation_offload,
+        checkpoint_every_n_layers,
+        checkpoint_trainable_blocks_only,
+    )
+    resolved, ctx = plan_backend(_validate_model(model), backend)
+    engine = plan_distributed(ctx, distributed, upcast)
+    able = plan_trainability(ctx)
+    casts = plan_casts(ctx, engine.decision, keep_in_low_precision, upcast, upcast_dtype, backend, able.fixup_bytes)
+    precision = plan_compute(ctx, casts.casts, engine.decision, keep_in_low_precision, upcast, upcast_dtype)
+    checkpointing = plan_checkpointing(
+        ctx,
+        engine.decision,
+        use_gradient_checkpointing,
+        gradient_checkpointing_kwargs,
+        activation_offload,
+        checkpoint_every_n_layers,
+        checkpoint_trainable_blocks_only,
+    )
+    return compose((resolved, engine, able, plan_freeze(ctx), casts, precision, checkpointing))
 
 
 def prepare(

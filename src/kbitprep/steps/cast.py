@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError, PlanWarning
-from kbitprep._names import covering, match_names
+from kbitprep._names import covering, match_keep
 from kbitprep._plan import CastItem, PreparationPlan, UndoLog
 from kbitprep._storage import tensor_nbytes
 from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, dtype_of, nbytes_as
+from kbitprep.steps.distributed import DistributedDecision
 
-__all__ = ["CastPlan", "apply", "plan", "target_dtype"]
+__all__ = ["CastPlan", "apply", "plan_casts", "target_dtype"]
 
 # casts from these to a wider float are exact, so undo casts back instead of keeping copies
 _WIDENING = {
@@ -34,20 +35,25 @@ class CastPlan(StepPlan):
     trainable_dtype: str | None = None
 
 
-def target_dtype(ctx: Context, e: ParamEntry) -> torch.dtype | None:
-    """The dtype the plan casts ``e`` to, or None (kept patterns already excluded)."""
-    p, opts, dist = e.param, ctx.options, ctx.distributed
-    if dist.mode is not None and not dist.upcast_kept:  # one dtype for the engine; never an upcast
-        wanted = dist.shard_dtype if dist.cast_to_shard_dtype else None
+def target_dtype(
+    ctx: Context, e: ParamEntry, engine: DistributedDecision, upcast: object, upcast_dtype: torch.dtype
+) -> torch.dtype | None:
+    """The dtype the plan casts ``e`` to, or None (kept patterns already excluded): the
+    engine's one dtype in a distributed mode that keeps one, else ``upcast_dtype`` where the
+    ``upcast`` option (``"auto"``: the strategy's ``should_upcast``) says so."""
+    p = e.param
+    if engine.mode is not None and not engine.upcast_kept:  # one dtype for the engine; never an upcast
+        wanted = engine.shard_dtype if engine.cast_to_shard_dtype else None
         return wanted if wanted is not None and p.dtype != wanted else None
     name = e.names[0]
-    if opts.upcast == "auto":
+    if upcast == "auto":
         wanted_cast = ctx.strategy.should_upcast(name, p, e.module)
-    elif opts.upcast in ("all", "none"):
-        wanted_cast = opts.upcast == "all"
+    elif upcast in ("all", "none"):
+        wanted_cast = upcast == "all"
     else:
-        wanted_cast = _ask_policy(opts.upcast, name, p, e.module)
-    return opts.upcast_dtype if wanted_cast and p.dtype != opts.upcast_dtype else None
+        assert callable(upcast)
+        wanted_cast = _ask_policy(upcast, name, p, e.module)
+    return upcast_dtype if wanted_cast and p.dtype != upcast_dtype else None
 
 
 def _ask_policy(
@@ -79,16 +85,38 @@ def _ask_policy(
     return answer
 
 
-def plan(ctx: Context, fixup_bytes: int = 0) -> CastPlan:
+def plan_casts(
+    ctx: Context,
+    engine: DistributedDecision,
+    keep_in_low_precision: object,
+    upcast: object,
+    upcast_dtype: torch.dtype,
+    backend: str,
+    fixup_bytes: int = 0,
+) -> CastPlan:
     """Which plain floating parameters are cast, the bytes it costs, and the dtype a parameter
-    that becomes trainable later is stored in. ``bytes_delta`` is the casts' bytes plus
-    ``fixup_bytes``, the trainability step's bytes of the backend's fix-ups."""
+    that becomes trainable later is stored in.
+
+    Args:
+        ctx: The shared planning context.
+        engine: The distributed step's decision.
+        keep_in_low_precision: The ``keep_in_low_precision`` option: what it covers is never cast.
+        upcast: The ``upcast`` option.
+        upcast_dtype: The ``upcast_dtype`` option.
+        backend: The ``backend`` option (only its wording in a warning).
+        fixup_bytes: The trainability step's bytes of the backend's fix-ups, added to
+            ``bytes_delta``.
+
+    Raises:
+        InvalidArgumentError: A ``keep_in_low_precision`` pattern matches nothing, or a callable
+            ``upcast`` raises or answers something else than a bool.
+    """
     notes: list[PlanWarning] = []
     casts: list[CastItem] = []
     matched: set[str] = set()
     lowered: set[str] = set()  # patterns that hold at least one parameter below the upcast dtype
     # raises InvalidArgumentError for a pattern that matches nothing, before anything changes
-    keep = match_names(ctx.model, ctx.prefix, ctx.options.keep, regex=ctx.options.keep_regex)
+    keep = match_keep(ctx.model, ctx.prefix, keep_in_low_precision)
     # a quantized layer's own floating parameters (a bitsandbytes bias) follow the policy: the
     # layer converts them to its compute dtype at first use (bitsandbytes 0.50 re-stores
     # Linear4bit's bias at the compute dtype), so holding them low would save nothing
@@ -98,9 +126,9 @@ def plan(ctx: Context, fixup_bytes: int = 0) -> CastPlan:
             continue
         hits = [] if e.adapter or id(e.module) in quantized_layers else covering(keep, e.names)
         matched.update(hits)
-        if bits(e.param.dtype) < bits(ctx.options.upcast_dtype):
+        if bits(e.param.dtype) < bits(upcast_dtype):
             lowered.update(hits)
-        to = None if hits else target_dtype(ctx, e)
+        to = None if hits else target_dtype(ctx, e, engine, upcast, upcast_dtype)
         if to is not None:
             p = e.param
             item = CastItem(
@@ -129,37 +157,44 @@ def plan(ctx: Context, fixup_bytes: int = 0) -> CastPlan:
                 PlanWarning(
                     "precision",
                     f"keep_in_low_precision pattern {pattern!r} matches only parameters already in "
-                    f"{ctx.options.upcast_dtype} or wider (an earlier prepare may have upcast them); kbitprep never "
+                    f"{upcast_dtype} or wider (an earlier prepare may have upcast them); kbitprep never "
                     "casts down, so they stay as they are. Undo the earlier preparation (report.undo()) first to keep "
                     "them low.",
                 )
             )
     delta = sum(c.bytes_after - c.bytes_before for c in casts)
-    notes.extend(_cast_warnings(ctx, casts, delta))
+    notes.extend(_cast_warnings(ctx, engine, casts, delta, backend, upcast, upcast_dtype))
     return CastPlan(
         casts=tuple(casts),
         bytes_delta=delta + fixup_bytes,
-        trainable_dtype=_trainable_dtype(ctx),
+        trainable_dtype=_trainable_dtype(engine, upcast, upcast_dtype),
         warnings=tuple(notes),
     )
 
 
-def _trainable_dtype(ctx: Context) -> str | None:
+def _trainable_dtype(engine: DistributedDecision, upcast: object, upcast_dtype: torch.dtype) -> str | None:
     """The dtype a parameter that becomes trainable after ``prepare`` (a peft ``modules_to_save``
     copy of a kept module) is stored in: the upcast dtype, unless the options keep storage as it
     is (``upcast="none"``, or a distributed engine that holds every parameter in one dtype)."""
-    opts, dist = ctx.options, ctx.distributed
-    if opts.upcast == "none" or (dist.mode is not None and not dist.upcast_kept):
+    if upcast == "none" or (engine.mode is not None and not engine.upcast_kept):
         return None
-    return str(opts.upcast_dtype)
+    return str(upcast_dtype)
 
 
-def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[PlanWarning]:
-    opts, strategy = ctx.options, ctx.strategy
+def _cast_warnings(
+    ctx: Context,
+    engine: DistributedDecision,
+    casts: list[CastItem],
+    delta: int,
+    backend: str,
+    upcast: object,
+    upcast_dtype: torch.dtype,
+) -> list[PlanWarning]:
+    strategy = ctx.strategy
     found: list[PlanWarning] = []
-    if not casts or (ctx.distributed.mode is not None and not ctx.distributed.upcast_kept):
+    if not casts or (engine.mode is not None and not engine.upcast_kept):
         return found
-    if opts.upcast == "all" and strategy.holds_storage:
+    if upcast == "all" and strategy.holds_storage:
         auto = any(strategy.should_upcast(e.names[0], e.param, e.module) for e in ctx.inventory if e.plain_float)
         if not auto:
             found.append(
@@ -171,13 +206,11 @@ def _cast_warnings(ctx: Context, casts: list[CastItem], delta: int) -> list[Plan
                 )
             )
     if not strategy.holds_storage and delta > 0:
-        what = (
-            "The model is not quantized" if opts.backend == "auto" else "backend=none treats the model as unquantized"
-        )
+        what = "The model is not quantized" if backend == "auto" else "backend=none treats the model as unquantized"
         found.append(
             PlanWarning(
                 "memory",
-                f"{what}; upcasting {len(casts)} parameter(s) to {opts.upcast_dtype} adds {delta:,} bytes "
+                f"{what}; upcasting {len(casts)} parameter(s) to {upcast_dtype} adds {delta:,} bytes "
                 f"({delta / 2**20:.1f} MiB), as peft does. Pass upcast='none' to keep the model's dtype.",
             )
         )

@@ -16,14 +16,14 @@ from torch import nn
 
 from kbitprep._errors import InvalidArgumentError, PlanWarning
 from kbitprep._hf import unwrap_model
-from kbitprep._options import Options
 from kbitprep._plan import PreparationPlan, UndoLog
 from kbitprep.steps import checkpoint_transformers as ckpt
 from kbitprep.steps.checkpoint_guard import guard_checkpointing
 from kbitprep.steps.checkpoint_layouts import checkpoint_blocks, install_selective
 from kbitprep.steps.context import Context, StepPlan
+from kbitprep.steps.distributed import DistributedDecision
 
-__all__ = ["CheckpointPlan", "apply", "plan"]
+__all__ = ["CheckpointPlan", "apply", "plan_checkpointing"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,11 +42,14 @@ class CheckpointPlan(StepPlan):
     checkpointed_blocks: tuple[int, int] | None = None
 
 
-def _mode(ctx: Context, found: list[PlanWarning]) -> tuple[bool, bool | None, bool]:
+def _mode(
+    ctx: Context, use_gradient_checkpointing: bool, use_reentrant: bool, kwargs_given: bool, found: list[PlanWarning]
+) -> tuple[bool, bool | None, bool]:
     """(checkpointing on after prepare, use_reentrant, kept on as found) and the warnings that
-    explain it."""
-    opts, strategy, base = ctx.options, ctx.strategy, ctx.base
-    gc = opts.use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
+    explain it. ``use_reentrant`` is the caller's (``False`` when not given); a strategy that
+    keeps checkpointing as found keeps the model's own unless ``kwargs_given``."""
+    strategy, base = ctx.strategy, ctx.base
+    gc = use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
     already = ckpt.is_enabled(base)
     if gc and not ckpt.supports(base) and not already:
         found.append(
@@ -59,12 +62,8 @@ def _mode(ctx: Context, found: list[PlanWarning]) -> tuple[bool, bool | None, bo
         )
         return False, None, False
     if gc:
-        keep_mode = strategy.keeps_checkpointing_as_found and already and not opts.kwargs_given
-        return (
-            True,
-            ckpt.current_use_reentrant(base) if keep_mode else bool(opts.checkpoint_kwargs["use_reentrant"]),
-            False,
-        )
+        keep_mode = strategy.keeps_checkpointing_as_found and already and not kwargs_given
+        return True, ckpt.current_use_reentrant(base) if keep_mode else use_reentrant, False
     if already:
         reentrant = ckpt.current_use_reentrant(base)
         found.append(
@@ -76,7 +75,7 @@ def _mode(ctx: Context, found: list[PlanWarning]) -> tuple[bool, bool | None, bo
             )
         )
         return True, reentrant, True
-    if strategy.keeps_checkpointing_as_found and opts.use_gradient_checkpointing:
+    if strategy.keeps_checkpointing_as_found and use_gradient_checkpointing:
         found.append(
             PlanWarning(
                 "checkpointing",
@@ -88,36 +87,40 @@ def _mode(ctx: Context, found: list[PlanWarning]) -> tuple[bool, bool | None, bo
     return False, None, False
 
 
-def _engine_reentrant(ctx: Context, reentrant: bool | None) -> bool | None:
-    required = ctx.distributed.use_reentrant
-    if reentrant is None or required is None or reentrant == required:
-        return reentrant
-    if ctx.options.kwargs_given:
+def _engine_reentrant(engine: DistributedDecision, use_reentrant: bool | None, kwargs_given: bool) -> bool | None:
+    """The engine's required ``use_reentrant`` where the caller left it to the default.
+
+    Raises:
+        InvalidArgumentError: The caller passed another ``use_reentrant`` than the engine needs.
+    """
+    required = engine.use_reentrant
+    if use_reentrant is None or required is None or use_reentrant == required:
+        return use_reentrant
+    if kwargs_given:
         raise InvalidArgumentError(
-            f"use_reentrant={reentrant} cannot be combined with distributed={ctx.distributed.mode!r}, which "
+            f"use_reentrant={use_reentrant} cannot be combined with distributed={engine.mode!r}, which "
             f"needs use_reentrant={required}. Pass gradient_checkpointing_kwargs={{'use_reentrant': "
             f"{required}}} or leave it out."
         )
     return required
 
 
-def _check_layout(ctx: Context, gc: bool) -> None:
-    opts = ctx.options
-    asked = opts.activation_offload or opts.checkpoint_every_n_layers != 1
+def _check_layout(ctx: Context, gc: bool, activation_offload: bool, checkpoint_every_n_layers: int) -> None:
+    asked = activation_offload or checkpoint_every_n_layers != 1
     if asked and gc and not ckpt.supports_layout(ctx.base):
         raise InvalidArgumentError(
-            f"activation_offload={opts.activation_offload} / checkpoint_every_n_layers="
-            f"{opts.checkpoint_every_n_layers} need transformers' activation_checkpointing_enable with "
+            f"activation_offload={activation_offload} / checkpoint_every_n_layers="
+            f"{checkpoint_every_n_layers} need transformers' activation_checkpointing_enable with "
             f"offload and every_n_layers (transformers 5.24+); {type(ctx.base).__name__} has none. Upgrade "
             "transformers, or leave both at their defaults."
         )
 
 
-def _offload(ctx: Context, gc: bool, found: list[PlanWarning]) -> bool:
+def _offload(ctx: Context, gc: bool, activation_offload: bool, found: list[PlanWarning]) -> bool:
     """Offload only where there is device memory to free: transformers 5.24 wraps each
     checkpoint in ``save_on_cpu(pin_memory=True)``, which raises on a machine without an
     accelerator, and on the CPU the activations already live in host memory."""
-    if not (gc and ctx.options.activation_offload):
+    if not (gc and activation_offload):
         return False
     if all(e.param.device.type == "cpu" for e in ctx.inventory):
         found.append(
@@ -132,7 +135,7 @@ def _offload(ctx: Context, gc: bool, found: list[PlanWarning]) -> bool:
     return True
 
 
-def _blocks(ctx: Context, gc: bool) -> tuple[int, int] | None:
+def _blocks(ctx: Context, gc: bool, every: int, trainable_only: bool) -> tuple[int, int] | None:
     """(blocks checkpointed at a training forward of the model as it stands now, blocks).
 
     The every-block layout checkpoints them all. The selective layouts (every n-th block, or
@@ -142,14 +145,9 @@ def _blocks(ctx: Context, gc: bool) -> tuple[int, int] | None:
     blocks = checkpoint_blocks(ctx.base)
     if not gc or not blocks:
         return None
-    every = ctx.options.checkpoint_every_n_layers
-    first = _first_trainable(ctx, blocks) if _selective(ctx.options) else 0
+    selective = trainable_only or every != 1  # the frozen-prefix rule applies
+    first = _first_trainable(ctx, blocks) if selective else 0
     return sum(1 for i in range(first, len(blocks)) if i % every == 0), len(blocks)
-
-
-def _selective(options: Options) -> bool:
-    """Whether the layout is selective, so the frozen-prefix rule applies."""
-    return options.checkpoint_trainable_blocks_only or options.checkpoint_every_n_layers != 1
 
 
 def _first_trainable(ctx: Context, blocks: list[nn.Module]) -> int:
@@ -168,16 +166,41 @@ def _first_trainable(ctx: Context, blocks: list[nn.Module]) -> int:
     return len(blocks)
 
 
-def plan(ctx: Context) -> CheckpointPlan:
-    """Checkpointing on or off, its mode and layout, and the input-grad wiring."""
+def plan_checkpointing(
+    ctx: Context,
+    engine: DistributedDecision,
+    use_gradient_checkpointing: bool,
+    gradient_checkpointing_kwargs: Mapping[str, Any] | None,
+    activation_offload: bool,
+    checkpoint_every_n_layers: int,
+    checkpoint_trainable_blocks_only: bool,
+) -> CheckpointPlan:
+    """Checkpointing on or off, its mode and layout, and the input-grad wiring.
+
+    Args:
+        ctx: The shared planning context.
+        engine: The distributed step's decision (the ``use_reentrant`` an engine requires).
+        use_gradient_checkpointing: The option of :func:`kbitprep.plan`.
+        gradient_checkpointing_kwargs: The option of :func:`kbitprep.plan`; its
+            ``use_reentrant`` is made explicit (the caller's, else ``False``).
+        activation_offload: The option of :func:`kbitprep.plan`.
+        checkpoint_every_n_layers: The option of :func:`kbitprep.plan`.
+        checkpoint_trainable_blocks_only: The option of :func:`kbitprep.plan`.
+
+    Raises:
+        InvalidArgumentError: A layout option on a transformers without layouts, or a
+            ``use_reentrant`` the distributed engine cannot run.
+    """
     found: list[PlanWarning] = []
-    gc, reentrant, kept_on = _mode(ctx, found)
-    reentrant = _engine_reentrant(ctx, reentrant)
-    _check_layout(ctx, gc)
+    kwargs = ckpt.resolve_kwargs(gradient_checkpointing_kwargs)
+    given = gradient_checkpointing_kwargs is not None
+    gc, use_reentrant, kept_on = _mode(ctx, use_gradient_checkpointing, kwargs["use_reentrant"], given, found)
+    use_reentrant = _engine_reentrant(engine, use_reentrant, given)
+    _check_layout(ctx, gc, activation_offload, checkpoint_every_n_layers)
     entries = ckpt.entry_modules(ctx.base) if gc else []
-    installs = gc and (bool(reentrant) or ckpt.enable_installs_input_grads(ctx.base))
+    installs = gc and (bool(use_reentrant) or ckpt.enable_installs_input_grads(ctx.base))
     hooked = any(ckpt.has_input_grad_hook(m) for _n, m in entries)
-    if gc and reentrant and not entries:
+    if gc and use_reentrant and not entries:
         found.append(
             PlanWarning(
                 "checkpointing",
@@ -187,21 +210,20 @@ def plan(ctx: Context) -> CheckpointPlan:
             )
         )
     use_cache = getattr(getattr(ctx.base, "config", None), "use_cache", None)
-    kwargs = dict(ctx.options.checkpoint_kwargs)
-    if reentrant is not None:
-        kwargs["use_reentrant"] = reentrant
-    offload = _offload(ctx, gc, found)
+    if use_reentrant is not None:
+        kwargs["use_reentrant"] = use_reentrant
+    offload = _offload(ctx, gc, activation_offload, found)
     return CheckpointPlan(
         gradient_checkpointing=gc,
-        use_reentrant=reentrant,
+        use_reentrant=use_reentrant,
         input_grad_hook=bool(entries) and (installs or hooked),
         input_grad_modules=tuple(ctx.prefix + n for n, _m in entries) if (installs or hooked) else (),
-        use_cache_off=((gc and not kept_on) or ctx.distributed.mode is not None) and use_cache is True,
+        use_cache_off=((gc and not kept_on) or engine.mode is not None) and use_cache is True,
         checkpoint_kwargs=kwargs,
         activation_offload=offload,
-        checkpoint_every_n_layers=ctx.options.checkpoint_every_n_layers if gc else 1,
-        checkpoint_trainable_blocks_only=gc and ctx.options.checkpoint_trainable_blocks_only,
-        checkpointed_blocks=_blocks(ctx, gc),
+        checkpoint_every_n_layers=checkpoint_every_n_layers if gc else 1,
+        checkpoint_trainable_blocks_only=gc and checkpoint_trainable_blocks_only,
+        checkpointed_blocks=_blocks(ctx, gc, checkpoint_every_n_layers, checkpoint_trainable_blocks_only),
         warnings=tuple(found),
     )
 

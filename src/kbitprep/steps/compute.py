@@ -29,15 +29,16 @@ import torch
 from torch import nn
 
 from kbitprep._errors import PlanWarning
-from kbitprep._names import covering, match_names
+from kbitprep._names import covering, match_keep
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, UndoLog
 from kbitprep._storage import is_storage_dtype, tensor_nbytes
 from kbitprep.steps.cast import target_dtype
 from kbitprep.steps.cast_at_use import ComputeSpec, install_adopt, install_spec, spec_of
 from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, dtype_of
+from kbitprep.steps.distributed import DistributedDecision
 from kbitprep.steps.input_check import dry_run_input
 
-__all__ = ["ComputePlan", "apply", "plan"]
+__all__ = ["ComputePlan", "apply", "plan_compute"]
 
 # floating inputs transformers models take (audio features, images, precomputed embeddings)
 FLOAT_INPUTS = ("input_features", "input_values", "pixel_values", "pixel_values_videos", "inputs_embeds")
@@ -58,7 +59,14 @@ def _final_dtypes(ctx: Context, casts: tuple[CastItem, ...]) -> dict[int, torch.
     return {id(e.param): to.get(e.names[0], e.param.dtype) for e in ctx.inventory if e.castable}
 
 
-def _unkept_dtypes(ctx: Context, final: dict[int, torch.dtype]) -> dict[int, torch.dtype]:
+def _unkept_dtypes(
+    ctx: Context,
+    final: dict[int, torch.dtype],
+    engine: DistributedDecision,
+    keep_in_low_precision: object,
+    upcast: object,
+    upcast_dtype: torch.dtype,
+) -> dict[int, torch.dtype]:
     """Each castable parameter's dtype after the casts the same call would plan without
     ``keep_in_low_precision``: the dtype a kept parameter computes in.
 
@@ -69,13 +77,13 @@ def _unkept_dtypes(ctx: Context, final: dict[int, torch.dtype]) -> dict[int, tor
     The upcast policy is asked again only for the parameters the keep patterns hold (the test
     :func:`plan_casts` applies); for the others ``final`` is its answer.
     """
-    if not ctx.options.keep:
+    if not keep_in_low_precision:
         return final
-    keep = match_names(ctx.model, ctx.prefix, ctx.options.keep, regex=ctx.options.keep_regex)
+    keep = match_keep(ctx.model, ctx.prefix, keep_in_low_precision)
     unkept = dict(final)
     for e in ctx.inventory:
         if e.castable and not e.adapter and covering(keep, e.names):
-            to = target_dtype(ctx, e)
+            to = target_dtype(ctx, e, engine, upcast, upcast_dtype)
             if to is not None:
                 unkept[id(e.param)] = to
     return unkept
@@ -161,7 +169,14 @@ def _activation_dtype(rows: list[_Row], compute: torch.dtype) -> torch.dtype:
     return compute if compute in candidates else candidates.most_common(1)[0][0]
 
 
-def plan(ctx: Context, casts: tuple[CastItem, ...]) -> ComputePlan:
+def plan_compute(
+    ctx: Context,
+    casts: tuple[CastItem, ...],
+    engine: DistributedDecision,
+    keep_in_low_precision: object,
+    upcast: object,
+    upcast_dtype: torch.dtype,
+) -> ComputePlan:
     """The compute dtype, the activation dtype, the modules that compute in another dtype than
     they store or than the activations around them, and the floating model inputs.
 
@@ -170,9 +185,18 @@ def plan(ctx: Context, casts: tuple[CastItem, ...]) -> ComputePlan:
     compute dtypes, activation dtype, boundary casts and model inputs. A kept module gets a row
     (its weight brought up at use) even where that call mixes nothing; its input cast is then to
     the activations' dtype, which is what it receives there.
+
+    Args:
+        ctx: The shared planning context.
+        casts: The cast step's casts.
+        engine: The distributed step's decision.
+        keep_in_low_precision: The ``keep_in_low_precision`` option: what it covers computes as
+            it would without it, its parameters brought up at use.
+        upcast: The ``upcast`` option.
+        upcast_dtype: The ``upcast_dtype`` option.
     """
     final = _final_dtypes(ctx, casts)
-    unkept = _unkept_dtypes(ctx, final)
+    unkept = _unkept_dtypes(ctx, final, engine, keep_in_low_precision, upcast, upcast_dtype)
     compute = _model_compute_dtype(ctx, unkept)
     if compute is None:
         return ComputePlan()

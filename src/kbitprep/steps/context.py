@@ -1,6 +1,6 @@
-"""What every step planner reads (the model, the resolved strategy, the options and one
-inventory of parameters, taken once per :func:`kbitprep.plan` call) and what each returns (a
-:class:`StepPlan`)."""
+"""What every step planner reads (the model, the resolved strategy and one inventory of
+parameters, taken once per :func:`kbitprep.plan` call) and what each returns (a
+:class:`StepPlan`). The options are not here: each planner takes those it reads as arguments."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from kbitprep._hf import adapter_param_ids
 from kbitprep._storage import is_storage_dtype
 
 if TYPE_CHECKING:
-    from kbitprep._options import Options
     from kbitprep.backends.base import QuantBackend
-    from kbitprep.steps.distributed import DistributedDecision
 
 __all__ = ["Context", "ParamEntry", "StepPlan", "bits", "dtype_of", "nbytes_as", "prefix_of", "take_inventory"]
 
@@ -66,9 +64,7 @@ class Context:
         prefix: ``base``'s name inside ``model`` plus a dot, or ``""``.
         strategy: The resolved backend strategy.
         reason: Why that backend was chosen.
-        options: The checked options.
         inventory: Every parameter of ``model``, in model order.
-        distributed: The distributed step's decision.
     """
 
     model: nn.Module
@@ -76,9 +72,7 @@ class Context:
     prefix: str
     strategy: QuantBackend
     reason: str
-    options: Options
     inventory: tuple[ParamEntry, ...]
-    distributed: DistributedDecision
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -472,18 +472,22 @@ class DistributedPlan(StepPlan):
         return {"distributed": self.distributed, "shard_dtype": self.shard_dtype}
 
 
-def plan(ctx: Context) -> DistributedPlan:
+def plan_distributed(ctx: Context, distributed: DistributedMode, upcast: object) -> DistributedPlan:
     """Whether a sharded run is on (``distributed=``, or detected under ``"auto"``), the dtypes its
-    engine leaves, and the check that the options agree with it.
+    engine leaves, and the check that the ``upcast`` option agrees with it.
+
+    Args:
+        ctx: The shared planning context.
+        distributed: The ``distributed`` option of :func:`kbitprep.plan`.
+        upcast: The ``upcast`` option of :func:`kbitprep.plan`.
 
     Raises:
         InvalidArgumentError: An explicit ``upcast`` with a mode that keeps one dtype.
         NotShardableError: The engine cannot shard the backend's storage (see :func:`resolve`).
     """
-    opts = ctx.options
     notes: list[str] = []
     decision = resolve(
-        opts.distributed,
+        distributed,
         ctx.strategy,
         ctx.base,
         [e.param for e in ctx.inventory if e.storage],
@@ -493,9 +497,9 @@ def plan(ctx: Context) -> DistributedPlan:
     found = tuple(PlanWarning("distributed", n) for n in notes)
     if decision.mode is None:
         return DistributedPlan(decision=decision, warnings=found)
-    if opts.upcast not in ("auto", "none") and not decision.upcast_kept:
+    if upcast not in ("auto", "none") and not decision.upcast_kept:
         raise InvalidArgumentError(
-            f"upcast={opts.upcast!r} cannot be combined with distributed={opts.distributed!r}: the "
+            f"upcast={upcast!r} cannot be combined with distributed={distributed!r}: the "
             f"distributed mode keeps every floating parameter in one dtype ({decision.shard_dtype}). "
             "Leave upcast at 'auto'."
         )

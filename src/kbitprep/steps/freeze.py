@@ -12,7 +12,7 @@ from kbitprep._errors import PlanWarning
 from kbitprep._plan import PreparationPlan, UndoLog
 from kbitprep.steps.context import Context, StepPlan
 
-__all__ = ["FreezePlan", "apply", "plan"]
+__all__ = ["FreezePlan", "apply", "plan_freeze"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,7 +24,7 @@ class FreezePlan(StepPlan):
     freeze_names: tuple[str, ...] = ()
 
 
-def plan(ctx: Context) -> FreezePlan:
+def plan_freeze(ctx: Context) -> FreezePlan:
     """Every base parameter is frozen; adapters already attached stay trainable."""
     adapters = [e for e in ctx.inventory if e.adapter]
     kept = tuple(n for e in adapters for n in e.names)

@@ -9,13 +9,11 @@ from torch import nn
 
 from kbitprep._errors import PlanWarning
 from kbitprep._hf import unwrap_model
-from kbitprep._options import Options
 from kbitprep._registry import detect_backend, get_backend
 from kbitprep.backends.base import QuantBackend
 from kbitprep.steps.context import Context, StepPlan, prefix_of, take_inventory
-from kbitprep.steps.distributed import OFF
 
-__all__ = ["ResolvePlan", "plan"]
+__all__ = ["ResolvePlan", "plan_backend"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +43,7 @@ def _strategy(base: nn.Module, name: str) -> tuple[QuantBackend, str, list[str]]
     return backend, f"backend={name!r} was passed", notes
 
 
-def plan(model: nn.Module, opts: Options) -> tuple[ResolvePlan, Context]:
+def plan_backend(model: nn.Module, backend: str) -> tuple[ResolvePlan, Context]:
     """The strategy and the context every later step reads (its distributed decision is the
     distributed step's to fill in).
 
@@ -53,8 +51,8 @@ def plan(model: nn.Module, opts: Options) -> tuple[ResolvePlan, Context]:
         UnknownBackendError: ``backend=`` names no registered backend.
     """
     base = unwrap_model(model)
-    strategy, reason, notes = _strategy(base, opts.backend)
+    strategy, reason, notes = _strategy(base, backend)
     inventory = take_inventory(model, strategy)
-    ctx = Context(model, base, prefix_of(model, base), strategy, reason, opts, inventory, OFF)
+    ctx = Context(model, base, prefix_of(model, base), strategy, reason, inventory)
     found = tuple(PlanWarning("detection", n) for n in notes)
     return ResolvePlan(backend=strategy.name, reason=reason, warnings=found), ctx

@@ -1,33 +1,26 @@
-"""The step order: compose the plan from the step planners, apply it step by step."""
+"""Compose the plan from the step plans; apply it step by step, in the step order."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
 
 from torch import nn
 
 from kbitprep._errors import PlanWarning
 from kbitprep._hf import unwrap_model
-from kbitprep._options import Options
 from kbitprep._plan import PreparationPlan, UndoLog
-from kbitprep.steps import cast, checkpoint, compute, distributed, freeze, resolve, trainability
+from kbitprep.steps import cast, checkpoint, compute, freeze, trainability
 from kbitprep.steps.context import StepPlan
 
-__all__ = ["apply_steps", "plan_steps"]
+__all__ = ["APPLY_ORDER", "apply_steps", "compose"]
 
-# the apply steps, in order; resolve and distributed only decide
+# the apply steps, in order; resolve and distributed only decide (kbitprep.plan runs the planners)
 APPLY_ORDER = (trainability, freeze, cast, compute, checkpoint)
 
 
-def plan_steps(model: nn.Module, opts: Options) -> PreparationPlan:
-    """Run every step planner and compose the plan; changes nothing."""
-    resolved, ctx = resolve.plan(model, opts)
-    engine = distributed.plan(ctx)
-    ctx = replace(ctx, distributed=engine.decision)
-    able = trainability.plan(ctx)
-    steps: list[StepPlan] = [resolved, engine, able, freeze.plan(ctx)]
-    casts = cast.plan(ctx, able.fixup_bytes)
-    steps += [casts, compute.plan(ctx, casts.casts), checkpoint.plan(ctx)]
+def compose(steps: Sequence[StepPlan]) -> PreparationPlan:
+    """The plan whose fields are the step plans' fields (each owned by exactly one step) and
+    whose warnings are theirs, in step order, each once."""
     fields: dict[str, object] = {}
     found: list[PlanWarning] = []
     for step in steps:

@@ -15,7 +15,7 @@ from kbitprep._registry import get_backend
 from kbitprep._storage import tensor_nbytes
 from kbitprep.steps.context import Context, ParamEntry, StepPlan
 
-__all__ = ["TrainabilityPlan", "apply", "plan"]
+__all__ = ["TrainabilityPlan", "apply", "plan_trainability"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +49,7 @@ def _unquantized_matrices(ctx: Context) -> list[ParamEntry]:
     ]
 
 
-def plan(ctx: Context) -> TrainabilityPlan:
+def plan_trainability(ctx: Context) -> TrainabilityPlan:
     """Refuse before anything changes when adapters cannot train; the backend's findings; the
     bytes in quantized storage and in plain floating parameters, and a warning when the weight
     matrices left in floating point outweigh the quantized storage (fused MoE experts that
