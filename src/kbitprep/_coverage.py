@@ -1,26 +1,56 @@
-"""Which kbitprep strategy covers each transformers quantization method, and how it is tested.
+"""Which kbitprep strategy covers each transformers quantization method, built from the strategies.
 
-One row per ``transformers.utils.quantization_config.QuantizationMethod`` value of transformers
-5.24 (26 methods, ``quantizers/auto.py``). ``kbitprep backends --methods`` prints these rows and
-``docs/backends/coverage.md`` is written from them (``python -m kbitprep._coverage``), so the
-command and the page cannot disagree. tests/test_coverage.py fails when the installed
-transformers has a method no row covers, when a row names a strategy that does not claim its
-method, or when a row names a test that does not exist.
+One row per ``transformers.utils.quantization_config.QuantizationMethod`` value (26 in
+transformers 5.24, ``quantizers/auto.py``). Each cell comes from the strategy that covers the
+method, never from a second description of it:
+
+- ``strategy``: the registered strategy whose ``quant_methods`` claims the method (the one
+  :func:`kbitprep.detect_backend` would rank first: highest ``priority``, a plugin before a
+  built-in of equal priority); for a method no strategy claims, the ``fallback`` strategy that
+  declares it (``none`` for GGUF, ``generic`` for the rest), else ``generic``.
+- ``storage``, ``trains``, ``note``: that strategy's :attr:`~kbitprep.QuantBackend.method_facts`
+  entry for the method (:class:`~kbitprep.backends.base.MethodFacts`); an unclaimed method that
+  no fallback declares gets :data:`kbitprep.backends.generic.UNDECLARED`.
+- ``upcast``: ``"nothing"`` when the strategy inherits ``QuantBackend.should_upcast`` (which
+  casts nothing), else the strategy's ``upcast_rule``, declared beside its override.
+
+``kbitprep backends --methods`` prints these rows and ``docs/backends/coverage.md`` is written
+from them (``python -m kbitprep._coverage``), so the command and the page cannot disagree. Which
+tests check each method is not shipped: the page's "tested here" column is read from
+``tests/coverage_tests.json`` when the page is generated from the repository.
+tests/test_coverage.py fails when the installed transformers has a method no strategy declares,
+when a row's strategy does not claim its method, or when the JSON names a test that does not exist.
 
 Nothing here imports transformers except :func:`installed_methods`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ROWS", "CoverageRow", "installed_methods", "render_markdown", "rows_for_installed", "uncovered"]
+from kbitprep.backends.base import MethodFacts, QuantBackend
 
-_NO_UPCAST = "nothing"
-_GENERIC = "unknown: generic freezes, wires checkpointing and warns"
-_REFUSED = "no: refused, because transformers marks it not trainable (quantizer is_trainable False)"
+__all__ = [
+    "CoverageRow",
+    "declared_methods",
+    "installed_methods",
+    "load_tests",
+    "render_markdown",
+    "rows_for",
+    "rows_for_installed",
+    "uncovered",
+    "upcast_of",
+]
+
+NO_UPCAST = "nothing"
+"""The upcast cell of a strategy that inherits ``QuantBackend.should_upcast`` (default: no)."""
+
+TESTS_FILE = "tests/coverage_tests.json"
+"""Where the repository lists, per method, the tests that check it (``"path::test_name"``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +59,11 @@ class CoverageRow:
 
     Attributes:
         method: The ``QuantizationMethod`` value (``quant_method`` in a config), e.g. ``"gptq"``.
-        strategy: The kbitprep backend that claims it (``generic`` when none does).
-        storage: What the quantized layers hold, with dtypes.
-        upcast: What ``upcast="auto"`` casts.
-        trains: Whether LoRA adapters train on it, and under which form.
-        tests: ``"path::test_name"`` of the tests that check it on real quantized weights here.
-        note: Why it is untested or does not work on this CPU, when it is not plain.
+        strategy: The kbitprep backend that covers it (``generic`` when none claims it).
+        storage: What the quantized layers hold, with dtypes (declared by the strategy).
+        upcast: What ``upcast="auto"`` casts (from the strategy's ``should_upcast``).
+        trains: Whether LoRA adapters train on it, and under which form (declared).
+        note: Why it is untested or does not work on a CPU, when it is not plain (declared).
     """
 
     method: str
@@ -42,260 +71,7 @@ class CoverageRow:
     storage: str
     upcast: str
     trains: str
-    tests: tuple[str, ...] = ()
     note: str = ""
-
-
-ROWS: tuple[CoverageRow, ...] = (
-    CoverageRow(
-        "bitsandbytes",
-        "bitsandbytes",
-        "Params4bit uint8 (or bnb_4bit_quant_storage) / Int8Params int8",
-        "peft's: fp16/bf16 parameters to upcast_dtype",
-        "yes (4-bit and 8-bit)",
-        ("tests/cases/test_kernel_traps.py::test_evaluation_during_training_keeps_4bit_gradients",),
-    ),
-    CoverageRow(
-        "gptq",
-        "gptq",
-        "qweight/qzeros/g_idx int32 and scales fp16 buffers",
-        _NO_UPCAST,
-        "yes",
-        ("tests/backends/test_gptq.py::test_gptq_prepare_pins_train_mode_so_an_eval_forward_cannot_stop_gradients",),
-        "auto-round's auto_gptq export loads as gptq",
-    ),
-    CoverageRow(
-        "awq",
-        "awq",
-        "qweight/qzeros int32 and scales fp16 buffers (gptqmodel AWQ kernels, autoawq WQLinear)",
-        _NO_UPCAST,
-        "yes; layers latched by an eval no-grad forward are refused",
-        (
-            "tests/backends/test_awq.py::test_awq_prepare_pins_train_mode_so_an_eval_forward_cannot_stop_gradients",
-            "tests/backends/test_awq.py::test_awq_layers_latched_by_an_eval_forward_raise_before_anything_changes",
-        ),
-        "checkpoint: auto-round 0.16.1 round-to-nearest, exported as auto_awq",
-    ),
-    CoverageRow(
-        "aqlm",
-        "aqlm",
-        "codes int16/int8, codebooks and scales in the load dtype",
-        _NO_UPCAST,
-        "yes (1x16 on CPU; 2x8 on CPU refused)",
-        ("tests/backends/test_aqlm.py::test_aqlm_1x16_trains_one_step_with_lora",),
-        "checkpoint synthesized (no hub download here)",
-    ),
-    CoverageRow(
-        "vptq",
-        "generic",
-        "VQuantLinear indices and centroids",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "the vptq library is not installed here",
-    ),
-    CoverageRow(
-        "quanto",
-        "quanto",
-        "WeightQBytesTensor (int8/float8) and WeightQBitsTensor (packed int2/int4) weight subclasses",
-        _NO_UPCAST,
-        "yes (int2/int4/int8/float8, bf16 and fp32, with or without quantized activations)",
-        (
-            "tests/backends/test_quanto.py::test_quanto_config_load_is_detected_kept_as_stored_and_trains",
-            "tests/backends/test_quanto.py::test_quanto_own_quantize_freeze_is_found_by_its_layers_and_trains",
-        ),
-    ),
-    CoverageRow(
-        "eetq",
-        "eetq",
-        "weight int8 and weight_scales fp16",
-        _NO_UPCAST,
-        "yes",
-        ("tests/backends/test_eetq.py::test_eetq_lora_trains_one_step",),
-        "the CPU test stands in a pure-torch kernel: transformers fetches the real one from the hub and needs CUDA",
-    ),
-    CoverageRow(
-        "higgs",
-        "generic",
-        "FLUTE-packed weights",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "transformers refuses HIGGS without a GPU",
-    ),
-    CoverageRow(
-        "hqq",
-        "hqq",
-        "W_q uint8 (scale and zero in module.meta)",
-        _NO_UPCAST,
-        "yes",
-        ("tests/backends/test_hqq.py::test_hqq_peft_lora_trains_and_every_layer_gets_its_compute_dtype",),
-        "transformers 5.24 cannot load HqqConfig models; tested with HQQLinear built directly",
-    ),
-    CoverageRow(
-        "compressed-tensors",
-        "compressed_tensors",
-        "weight_packed int32/uint8 with weight_scale (float, float8) or float8 weight",
-        _NO_UPCAST,
-        "weight-only schemes yes (decompressed before training, the bytes in the plan); activation-quantized "
-        "schemes refused (fake-quantized under no_grad)",
-        (
-            "tests/backends/test_compressed_tensors.py::test_lora_trains_one_step_with_the_loss_of_the_library_own_decompression",
-            "tests/backends/test_compressed_tensors.py::test_transformers_load_is_detected_decompressed_as_dequantize_would_and_trains",
-            "tests/backends/test_compressed_tensors.py::test_activation_quantized_schemes_are_refused_before_anything_changes",
-        ),
-        "W4A16, W8A16, NVFP4A16 and FP8 layers built on CPU with compressed-tensors 0.20.1 itself",
-    ),
-    CoverageRow(
-        "fbgemm_fp8",
-        "fp8",
-        "float8_e4m3fn weight and weight_scale",
-        _NO_UPCAST,
-        "no: refused (f8f8bf16_rowwise has no backward)",
-        ("tests/backends/test_fp8.py::test_fbgemm_layers_are_refused_and_model_unchanged",),
-    ),
-    CoverageRow(
-        "torchao",
-        "torchao",
-        "tensor subclasses reporting a float dtype (Int8Tensor, IntxUnpackedToInt8Tensor, ...)",
-        _NO_UPCAST,
-        "per config: int8 weight-only yes; intx int4 weight-only yes (prepared with a warning that "
-        "transformers' Trainer refuses it unless kbitprep.mark_trainable is applied); dynamic activation no",
-        ("tests/cases/test_kernel_traps.py::test_torchao_trainability_is_decided_per_layer",),
-    ),
-    CoverageRow(
-        "gguf",
-        "none",
-        "nothing: transformers dequantizes GGUF files while loading",
-        "peft's (unquantized model)",
-        "yes, as an unquantized model",
-        (),
-        "the demo converts a real GGUF file (tests/test_cli.py); no test checks the verdict by itself",
-    ),
-    CoverageRow(
-        "bitnet",
-        "bitnet",
-        "BitLinear: packed uint8 buffer; offline AutoBitLinear: ternary weight and weight_scale",
-        _NO_UPCAST,
-        "BitLinear no (refused); offline AutoBitLinear yes; online AutoBitLinear stores nothing (none)",
-        (
-            "tests/backends/test_bitnet.py::test_packed_bitlinear_is_refused_with_the_true_reason",
-            "tests/backends/test_bitnet.py::test_offline_autobitlinear_keeps_ternary_storage_and_trains",
-        ),
-        "checkpoints synthesized with transformers' pack_weights",
-    ),
-    CoverageRow(
-        "spqr",
-        "generic",
-        "SpQR sparse outliers and 3-bit groups",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "transformers refuses SpQR without a GPU",
-    ),
-    CoverageRow(
-        "fp8",
-        "fp8",
-        "float8_e4m3fn weight and weight_scale_inv",
-        _NO_UPCAST,
-        "yes",
-        ("tests/backends/test_fp8.py::test_lora_trains_and_fp8_storage_is_bit_identical",),
-        "FP8Linear built directly with a CPU reference kernel: transformers dequantizes FP8 on a CPU",
-    ),
-    CoverageRow(
-        "quark",
-        "generic",
-        "AMD Quark quantized layers",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "the quark library is not installed here",
-    ),
-    CoverageRow(
-        "fp_quant",
-        "generic",
-        "FP-Quant (MXFP4/NVFP4 with Hadamard rotations)",
-        _NO_UPCAST,
-        "refused unless FPQuantConfig(store_master_weights=True) (quantizer is_trainable); then " + _GENERIC,
-        (),
-        "transformers refuses FP-Quant without a CUDA or XPU device",
-    ),
-    CoverageRow(
-        "auto-round",
-        "generic",
-        "auto_round-format packed weights",
-        _NO_UPCAST,
-        "no: refused (transformers 5.24 AutoRoundQuantizer.is_trainable is False)",
-        (),
-        "the auto_gptq and auto_awq exports load as gptq and awq and train (see those rows)",
-    ),
-    CoverageRow(
-        "mxfp4",
-        "mxfp4",
-        "gpt-oss experts: packed FP4 uint8 (triton_kernels tensors on a GPU)",
-        _NO_UPCAST,
-        "no: refused (matmul_ogs has no backward); Mxfp4Config(dequantize=True) is none and trains",
-        (
-            "tests/backends/test_mxfp4.py::test_packed_mxfp4_experts_are_detected_and_refused_before_anything_changes",
-            "tests/cases/test_dequantized_label.py::test_label_without_storage_is_unquantized_and_trains",
-        ),
-        "MXFP4 layers built directly: on a CPU without triton transformers loads MXFP4 dequantized",
-    ),
-    CoverageRow(
-        "nvfp4",
-        "generic",
-        "NVFP4 packed weights",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "transformers requires a CUDA GPU and the hub kernels",
-    ),
-    CoverageRow(
-        "mxfp8",
-        "fp8",
-        "float8 weight and e8m0 block scales",
-        _NO_UPCAST,
-        "as fp8",
-        (),
-        "only the finegrained fp8 layers are built on this CPU",
-    ),
-    CoverageRow(
-        "metal",
-        "generic",
-        "Apple Metal quantized weights",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "needs an Apple Silicon GPU (MPS)",
-    ),
-    CoverageRow(
-        "fouroversix",
-        "generic",
-        "four-over-six FP4 weights",
-        _NO_UPCAST,
-        "refused unless keep_master_weights=True (quantizer is_trainable); then " + _GENERIC,
-        (),
-        "the fouroversix library is not installed here",
-    ),
-    CoverageRow(
-        "sinq",
-        "generic",
-        "SINQ quantized weights",
-        _NO_UPCAST,
-        _GENERIC,
-        (),
-        "the sinq library is not installed here",
-    ),
-    CoverageRow(
-        "gemma",
-        "generic",
-        "Gemma quantized checkpoints",
-        _NO_UPCAST,
-        _REFUSED,
-        (),
-        "its checkpoints were not tried on this CPU",
-    ),
-)
 
 
 def installed_methods() -> tuple[str, ...]:
@@ -305,48 +81,136 @@ def installed_methods() -> tuple[str, ...]:
     return tuple(str(m.value) for m in QuantizationMethod)
 
 
-def uncovered(methods: tuple[str, ...]) -> tuple[str, ...]:
-    """The methods in ``methods`` that no row of :data:`ROWS` covers."""
-    known = {row.method for row in ROWS}
-    return tuple(m for m in methods if m not in known)
+def upcast_of(cls: type[QuantBackend]) -> str:
+    """The "auto upcast" cell of a strategy: ``"nothing"`` when it inherits
+    ``QuantBackend.should_upcast``, else its declared ``upcast_rule`` (a strategy that overrides
+    ``should_upcast`` without one is named as deciding for itself)."""
+    if cls.should_upcast is QuantBackend.should_upcast:
+        return NO_UPCAST
+    return cls.upcast_rule or f"what {cls.name}.should_upcast decides (no upcast_rule declared)"
+
+
+def _strategies() -> list[type[QuantBackend]]:
+    """Every registered strategy class that loads, in the order :func:`kbitprep.detect_backend`
+    ranks claims: highest priority first, a plugin before a built-in of equal priority."""
+    from kbitprep._registry import _registry
+
+    ranked: list[tuple[int, int, int, type[QuantBackend]]] = []
+    for order, name in enumerate(_registry.names()):
+        try:
+            cls = _registry.get_class(name)
+        except Exception:  # a broken plugin covers nothing; `kbitprep backends` reports it
+            continue
+        builtin = _registry.sources.get(name, "builtin") == "builtin"
+        ranked.append((-int(cls.priority), order if builtin else -1, order, cls))
+    return [cls for *_key, cls in sorted(ranked, key=lambda r: r[:3])]
+
+
+def _cover(method: str, strategies: Sequence[type[QuantBackend]]) -> tuple[type[QuantBackend], MethodFacts | None]:
+    """The strategy that covers ``method`` and the facts it declares for it (``None``: none)."""
+    from kbitprep.backends.generic import GenericBackend
+
+    for cls in strategies:
+        if not cls.fallback and method in cls.quant_methods:
+            return cls, cls.method_facts.get(method)
+    for cls in strategies:
+        if cls.fallback and method in cls.method_facts:
+            return cls, cls.method_facts[method]
+    generic = next((c for c in strategies if c.name == GenericBackend.name), GenericBackend)
+    return generic, None
+
+
+def declared_methods() -> tuple[str, ...]:
+    """Every method a registered strategy declares facts for, sorted."""
+    return tuple(sorted({m for cls in _strategies() for m in cls.method_facts}))
+
+
+def uncovered(methods: Iterable[str]) -> tuple[str, ...]:
+    """The methods in ``methods`` that no strategy declares: its claiming strategy has no
+    ``method_facts`` entry for it or, unclaimed, no fallback strategy declares it."""
+    strategies = _strategies()
+    return tuple(m for m in methods if _cover(m, strategies)[1] is None)
+
+
+def rows_for(methods: Iterable[str]) -> tuple[CoverageRow, ...]:
+    """One row per method, in the given order, built from the strategy that covers it.
+
+    An unclaimed method no fallback declares gets ``generic``'s
+    :data:`~kbitprep.backends.generic.UNDECLARED` facts; a claimed one whose strategy declares
+    nothing says so in every declared cell.
+    """
+    from kbitprep.backends.generic import UNDECLARED
+
+    strategies = _strategies()
+    out = []
+    for method in methods:
+        cls, facts = _cover(method, strategies)
+        if facts is None:
+            facts = (
+                UNDECLARED
+                if cls.fallback
+                else MethodFacts("not declared", "not declared", f"the {cls.name} strategy declares no method_facts")
+            )
+        out.append(CoverageRow(method, cls.name, facts.storage, upcast_of(cls), facts.trains, facts.note))
+    return tuple(out)
 
 
 def rows_for_installed() -> tuple[CoverageRow, ...]:
-    """The rows of the installed transformers' methods, in its enum order; a method without a
-    row gets one that says so (strategy ``generic``)."""
-    by_method = {row.method: row for row in ROWS}
-    return tuple(
-        by_method.get(m) or CoverageRow(m, "generic", "unknown", _NO_UPCAST, _GENERIC, (), "no coverage row yet")
-        for m in installed_methods()
-    )
+    """The rows of the installed transformers' methods, in its enum order."""
+    return rows_for(installed_methods())
 
 
-def render_markdown(rows: tuple[CoverageRow, ...], transformers_version: str) -> str:
-    """The docs page: one table row per method."""
+def render_markdown(
+    rows: Sequence[CoverageRow], transformers_version: str, tests: Mapping[str, Sequence[str]] | None = None
+) -> str:
+    """The docs page: one table row per method.
+
+    Args:
+        rows: The rows, e.g. :func:`rows_for_installed`.
+        transformers_version: The transformers version the rows were built for.
+        tests: ``method -> ["path::test_name", ...]`` (the repository's ``tests/coverage_tests.json``)
+            for a "tested here" column; ``None`` leaves the column out.
+    """
+    columns = ["method", "strategy", "storage", "auto upcast", "trains", *(["tested here"] if tests else []), "note"]
+    tested = " The tests named here run on real quantized weights on a CPU unless the note says otherwise."
     lines = [
         "# Coverage: every transformers quantization method",
         "",
-        f"Generated by `python -m kbitprep._coverage` from `kbitprep._coverage.ROWS` for transformers "
-        f"{transformers_version}; `kbitprep backends --methods` prints the same rows. 'auto upcast' is what "
-        '`upcast="auto"` casts. A test named here runs on real quantized weights on a CPU unless its note '
-        "says otherwise.",
+        f"Generated by `python -m kbitprep._coverage` from what each strategy declares (`method_facts`, "
+        f"`upcast_rule`) for transformers {transformers_version}; `kbitprep backends --methods` prints the same "
+        "rows. 'strategy' is the backend whose `quant_methods` claims the method, or the fallback that covers it; "
+        "'auto upcast' is what `upcast=\"auto\"` casts (nothing unless the strategy overrides `should_upcast`)."
+        + (tested if tests else ""),
         "",
-        "| method | strategy | storage | auto upcast | trains | tested here | note |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in rows:
-        tests = "<br>".join(f"`{t}`" for t in row.tests) or "no"
-        cells = (f"`{row.method}`", f"`{row.strategy}`", row.storage, row.upcast, row.trains, tests, row.note)
+        cells = [f"`{row.method}`", f"`{row.strategy}`", row.storage, row.upcast, row.trains]
+        if tests:
+            cells.append("<br>".join(f"`{t}`" for t in tests.get(row.method, ())) or "no")
+        cells.append(row.note)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def load_tests(path: str | Path = TESTS_FILE) -> dict[str, tuple[str, ...]]:
+    """The repository's ``method -> tests`` mapping (a JSON object of lists of strings)."""
+    data = json.loads(Path(path).read_text())
+    return {str(method): tuple(str(t) for t in refs) for method, refs in data.items()}
+
+
 def _main(argv: list[str]) -> int:
-    """Write the docs page (default docs/backends/coverage.md) from the installed transformers."""
+    """Write the docs page from the installed transformers: ``[OUT [TESTS_JSON]]``, by default
+    docs/backends/coverage.md and tests/coverage_tests.json (run from the repository root)."""
     from importlib.metadata import version
 
     out = Path(argv[0] if argv else "docs/backends/coverage.md")
-    out.write_text(render_markdown(rows_for_installed(), version("transformers")))
+    tests_file = Path(argv[1] if len(argv) > 1 else TESTS_FILE)
+    if not tests_file.is_file():
+        sys.stderr.write(f"{tests_file} not found: run from the repository root, or name the tests JSON.\n")
+        return 2
+    out.write_text(render_markdown(rows_for_installed(), version("transformers"), load_tests(tests_file)))
     return 0
 
 

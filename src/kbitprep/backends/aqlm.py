@@ -9,7 +9,7 @@ transformers 5.24, so a dtype rule would both cast and train them. They are stor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     config_quant_method,
     detect_in_tiers,
@@ -98,6 +99,13 @@ class AqlmBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[aqlm]'"
     requires: ClassVar[tuple[str, ...]] = ("aqlm",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"aqlm"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "aqlm": MethodFacts(
+            "codes int16/int8, codebooks and scales in the load dtype",
+            "yes (1x16 on CPU; 2x8 and 1x8 on CPU refused)",
+            "checkpoint synthesized (no hub download here)",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "AQLM QuantizedLinear"))

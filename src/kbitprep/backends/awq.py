@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from kbitprep._errors import NotTrainableError
 from kbitprep.backends._gptqmodel import base_classes, pin_train_mode
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     UndoFn,
     config_quant_method,
@@ -84,6 +86,13 @@ class AwqBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[gptq]'"
     requires: ClassVar[tuple[str, ...]] = ("gptqmodel",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"awq"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "awq": MethodFacts(
+            "qweight/qzeros int32 and scales fp16/bf16 buffers (gptqmodel AWQ kernels, autoawq WQLinear)",
+            "yes; layers latched by an eval no-grad forward are refused",
+            "checkpoint: auto-round 0.16.1 round-to-nearest, exported as auto_awq",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         def layers(m: nn.Module) -> str | None:

@@ -6,7 +6,9 @@ import abc
 import importlib.machinery
 import importlib.util
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, final
 
 import torch
@@ -27,6 +29,7 @@ from kbitprep._storage import (
 __all__ = [
     "STORAGE_LEAF_NAMES",
     "STORAGE_LEAF_SUFFIXES",
+    "MethodFacts",
     "QuantBackend",
     "UndoFn",
     "Verdict",
@@ -57,6 +60,25 @@ class Verdict(NamedTuple):
 
     ok: bool
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MethodFacts:
+    """What a strategy states about one transformers quantization method it covers: the cells of
+    its row in ``kbitprep backends --methods`` and docs/backends/coverage.md that the code cannot
+    answer (:mod:`kbitprep._coverage` derives the others). Declared in
+    :attr:`QuantBackend.method_facts`; kbitprep never reads it while preparing a model.
+
+    Attributes:
+        storage: What the quantized layers hold, with dtypes, e.g. ``"W_q uint8"``.
+        trains: Whether LoRA adapters train on it, and under which form: what the strategy's
+            ``check_trainable`` (and the quantizer's ``is_trainable`` it defers to) decides.
+        note: Why it is untested or does not work on a CPU, when it is not plain.
+    """
+
+    storage: str
+    trains: str
+    note: str = ""
 
 
 class QuantBackend(abc.ABC):
@@ -116,6 +138,15 @@ class QuantBackend(abc.ABC):
     """True for a strategy that claims whatever no specific strategy claims (``generic`` and
     ``none``): when it claims a model beside another strategy, :func:`kbitprep.detect_backend`
     does not list it among ``Detection.others``."""
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = MappingProxyType({})
+    """The coverage table's facts for each transformers ``quant_method`` this strategy claims
+    (keys in :attr:`quant_methods`); a :attr:`fallback` strategy declares the methods it covers
+    because no strategy claims them. Data for :mod:`kbitprep._coverage` only, never asked while
+    preparing, so not part of :attr:`CONTRACT`."""
+    upcast_rule: ClassVar[str] = ""
+    """A short phrase for the coverage table's "auto upcast" column, set beside an override of
+    :meth:`should_upcast` (the code cannot state whose rule it is). Leave it empty otherwise: a
+    strategy that inherits :meth:`should_upcast` upcasts nothing, and the table says so."""
 
     @abc.abstractmethod
     def detect(self, model: nn.Module) -> str | None:

@@ -22,13 +22,14 @@ Two layer classes, three storages (measured on this CPU with pre-quantized tiny 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends.base import QuantBackend, detect_in_tiers, loaded_module, modules_of_type
+from kbitprep.backends.base import MethodFacts, QuantBackend, detect_in_tiers, loaded_module, modules_of_type
 
 __all__ = ["BitNetBackend"]
 
@@ -64,6 +65,13 @@ class BitNetBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[transformers]'"
     requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"bitnet"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "bitnet": MethodFacts(
+            "BitLinear: packed uint8 buffer; offline AutoBitLinear: ternary weight and weight_scale",
+            "BitLinear no (refused); offline AutoBitLinear yes; online AutoBitLinear stores nothing (none)",
+            "checkpoints synthesized with transformers' pack_weights",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         def layers(m: nn.Module) -> str | None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     UndoFn,
     count_reason,
@@ -66,6 +68,11 @@ class BitsAndBytesBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[bnb]'"
     requires: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "bitsandbytes": MethodFacts(
+            "Params4bit uint8 (or bnb_4bit_quant_storage) / Int8Params int8", "yes (4-bit and 8-bit)"
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         def layers(m: nn.Module) -> str | None:
@@ -129,6 +136,9 @@ class BitsAndBytesBackend(QuantBackend):
             if param.is_floating_point() and not self.is_quantized_param(name, param, owner):
                 return param.dtype
         return None
+
+    upcast_rule: ClassVar[str] = "peft's: fp16/bf16 parameters to upcast_dtype"
+    """What :meth:`should_upcast` casts, for the coverage table."""
 
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         # peft 0.21 prepare_model_for_kbit_training: fp16/bf16 non-storage params go to fp32

@@ -28,7 +28,7 @@ forward pre-hook on the model (``ModelCompressor.add_decompress_hook``, handle k
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
     STORAGE_LEAF_SUFFIXES,
+    MethodFacts,
     QuantBackend,
     UndoFn,
     count_reason,
@@ -296,6 +297,14 @@ class CompressedTensorsBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install compressed-tensors"
     requires: ClassVar[tuple[str, ...]] = ("compressed_tensors",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"compressed-tensors", "compressed_tensors"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "compressed-tensors": MethodFacts(
+            "weight_packed int32/uint8 with weight_scale (float, float8) or float8 weight",
+            "weight-only schemes yes (decompressed before training, the bytes in the plan); activation-quantized "
+            "schemes refused (fake-quantized under no_grad)",
+            "W4A16, W8A16, NVFP4A16 and FP8 layers built on CPU with compressed-tensors 0.20.1 itself",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         """The transformers quantizer or config (``quant_method`` ``"compressed-tensors"``),

@@ -10,12 +10,13 @@ package's own ``EetqLinear`` (transformers 4) is recognised too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kbitprep.backends.base import QuantBackend, detect_in_tiers, layer_counter, loaded_module
+from kbitprep.backends.base import MethodFacts, QuantBackend, detect_in_tiers, layer_counter, loaded_module
 
 __all__ = ["EetqBackend"]
 
@@ -46,6 +47,13 @@ class EetqBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[eetq]'"
     requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"eetq"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "eetq": MethodFacts(
+            "weight int8 and weight_scales fp16",
+            "yes",
+            "the CPU test stands in a pure-torch kernel: transformers fetches the real one from the hub and needs CUDA",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "EetqLinear"))

@@ -24,6 +24,7 @@ treats as the unquantized model it then is.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 
 from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     count_reason,
     detect_in_tiers,
@@ -131,6 +133,19 @@ class Fp8Backend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[transformers]'"
     requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"fp8", "fbgemm_fp8", "mxfp8"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "fp8": MethodFacts(
+            "float8_e4m3fn weight and weight_scale_inv",
+            "yes (float8 weights; FP4-packed int8 weights refused)",
+            "FP8Linear built directly with a CPU reference kernel: transformers dequantizes FP8 on a CPU",
+        ),
+        "fbgemm_fp8": MethodFacts(
+            "float8_e4m3fn weight and weight_scale", "no: refused (f8f8bf16_rowwise has no backward)"
+        ),
+        "mxfp8": MethodFacts(
+            "float8 weight and e8m0 block scales", "as fp8", "only the finegrained fp8 layers are built on this CPU"
+        ),
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         return detect_in_tiers(model, self.quant_methods, _layers)

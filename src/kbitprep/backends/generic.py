@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 from torch import nn
 
-from kbitprep.backends.base import QuantBackend, config_quant_method, legacy_quant_method
+from kbitprep.backends.base import MethodFacts, QuantBackend, config_quant_method, legacy_quant_method
 
-__all__ = ["GenericBackend"]
+__all__ = ["REFUSED_BY_TRANSFORMERS", "UNDECLARED", "UNKNOWN_TRAINING", "GenericBackend"]
+
+REFUSED_BY_TRANSFORMERS = "no: refused, because transformers marks it not trainable (quantizer is_trainable False)"
+"""What the inherited :meth:`QuantBackend.check_trainable` does with a quantizer whose
+``is_trainable`` is False, for the coverage table."""
+
+UNKNOWN_TRAINING = "unknown: generic freezes, wires checkpointing and warns"
+"""What :class:`GenericBackend` does with a method whose quantizer does not refuse training."""
+
+UNDECLARED = MethodFacts("unknown", UNKNOWN_TRAINING, "no strategy declares it yet")
+"""The coverage row of a transformers method that no strategy claims or declares."""
 
 
 def _method(model: nn.Module) -> tuple[str, str] | None:
@@ -21,7 +32,7 @@ def _method(model: nn.Module) -> tuple[str, str] | None:
 
 
 class GenericBackend(QuantBackend):
-    """Strategy for a quantization method kbitprep has no strategy for (e.g. quanto).
+    """Strategy for a quantization method kbitprep has no strategy for (e.g. vptq, sinq).
 
     Parameters are frozen and checkpointing is wired, but nothing is cast: an unknown kernel may
     own its compute dtype, and an upcast could break it. A plan warning names the method.
@@ -30,6 +41,48 @@ class GenericBackend(QuantBackend):
     name: ClassVar[str] = "generic"
     priority: ClassVar[int] = -100
     fallback: ClassVar[bool] = True
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "vptq": MethodFacts(
+            "VQuantLinear indices and centroids", REFUSED_BY_TRANSFORMERS, "the vptq library is not installed here"
+        ),
+        "higgs": MethodFacts(
+            "FLUTE-packed weights", REFUSED_BY_TRANSFORMERS, "transformers refuses HIGGS without a GPU"
+        ),
+        "spqr": MethodFacts(
+            "SpQR sparse outliers and 3-bit groups", REFUSED_BY_TRANSFORMERS, "transformers refuses SpQR without a GPU"
+        ),
+        "quark": MethodFacts(
+            "AMD Quark quantized layers", REFUSED_BY_TRANSFORMERS, "the quark library is not installed here"
+        ),
+        "fp_quant": MethodFacts(
+            "FP-Quant (MXFP4/NVFP4 with Hadamard rotations)",
+            "refused unless FPQuantConfig(store_master_weights=True) (quantizer is_trainable); then "
+            + UNKNOWN_TRAINING,
+            "transformers refuses FP-Quant without a CUDA or XPU device",
+        ),
+        "auto-round": MethodFacts(
+            "auto_round-format packed weights",
+            "no: refused (transformers 5.24 AutoRoundQuantizer.is_trainable is False)",
+            "the auto_gptq and auto_awq exports load as gptq and awq and train (see those rows)",
+        ),
+        "nvfp4": MethodFacts(
+            "NVFP4 packed weights", REFUSED_BY_TRANSFORMERS, "transformers requires a CUDA GPU and the hub kernels"
+        ),
+        "metal": MethodFacts(
+            "Apple Metal quantized weights", REFUSED_BY_TRANSFORMERS, "needs an Apple Silicon GPU (MPS)"
+        ),
+        "fouroversix": MethodFacts(
+            "four-over-six FP4 weights",
+            "refused unless keep_master_weights=True (quantizer is_trainable); then " + UNKNOWN_TRAINING,
+            "the fouroversix library is not installed here",
+        ),
+        "sinq": MethodFacts("SINQ quantized weights", UNKNOWN_TRAINING, "the sinq library is not installed here"),
+        "gemma": MethodFacts(
+            "Gemma quantized checkpoints", REFUSED_BY_TRANSFORMERS, "its checkpoints were not tried on this CPU"
+        ),
+    }
+    """transformers 5.24 methods no strategy claims. ``trains`` is what the inherited
+    :meth:`~QuantBackend.check_trainable` makes of each quantizer's ``is_trainable``."""
 
     def detect(self, model: nn.Module) -> str | None:
         evidence = _method(model)

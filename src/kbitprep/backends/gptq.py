@@ -10,6 +10,7 @@ model's plain float ones (embeddings, norms, ``lm_head``), which stay in the loa
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from kbitprep._errors import NotTrainableError
 from kbitprep.backends._gptqmodel import base_classes, pin_train_mode
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     UndoFn,
     config_quant_method,
@@ -102,6 +104,13 @@ class GptqBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[gptq]'"
     requires: ClassVar[tuple[str, ...]] = ("gptqmodel",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"gptq"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "gptq": MethodFacts(
+            "qweight/qzeros/g_idx int32 and scales fp16/bf16 buffers",
+            "yes",
+            "auto-round's auto_gptq export loads as gptq",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         def layers(m: nn.Module) -> str | None:

@@ -10,12 +10,14 @@ raises ``AttributeError``), so nothing here ever reads it. The layer computes in
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     config_quant_method,
     detect_in_tiers,
@@ -62,6 +64,13 @@ class HqqBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[hqq]'"
     requires: ClassVar[tuple[str, ...]] = ("hqq",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"hqq"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "hqq": MethodFacts(
+            "W_q uint8 (scale and zero in module.meta)",
+            "yes",
+            "transformers 5.24 cannot load HqqConfig models; tested with HQQLinear built directly",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "HQQLinear"))

@@ -19,6 +19,7 @@ dequantized to bf16 (plain ``GptOssExperts``), which is an unquantized model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     detect_in_tiers,
     is_storage_dtype,
@@ -77,6 +79,13 @@ class Mxfp4Backend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[transformers]' triton kernels"
     requires: ClassVar[tuple[str, ...]] = ("transformers",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"mxfp4"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "mxfp4": MethodFacts(
+            "gpt-oss experts: packed FP4 uint8 (triton_kernels tensors on a GPU)",
+            "no: refused (matmul_ogs has no backward); Mxfp4Config(dequantize=True) is none and trains",
+            "MXFP4 layers built directly: on a CPU without triton transformers loads MXFP4 dequantized",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         return detect_in_tiers(model, self.quant_methods, layer_counter(_expert_classes, "Mxfp4GptOssExperts"))

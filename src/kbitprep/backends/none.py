@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kbitprep.backends.base import QuantBackend
+from kbitprep.backends.base import MethodFacts, QuantBackend
 
 __all__ = ["NoQuantBackend"]
 
@@ -25,9 +26,22 @@ class NoQuantBackend(QuantBackend):
     fallback: ClassVar[bool] = True
     holds_storage: ClassVar[bool] = False
     keeps_checkpointing_as_found: ClassVar[bool] = True
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        # the dequantized load; transformers 5.24's GgufHfQuantizer can also keep the blocks packed
+        # (with the `kernels` package and a ggml kernel for the device), which this row leaves out
+        "gguf": MethodFacts(
+            "nothing: transformers dequantizes GGUF files while loading",
+            "yes, as an unquantized model",
+            "the demo converts a real GGUF file; no test checks the verdict by itself",
+        )
+    }
+    """Methods no strategy claims whose models reach kbitprep with no quantized storage."""
 
     def detect(self, model: nn.Module) -> str | None:
         return "no quantizer, quantization attributes or quantized layers found"
+
+    upcast_rule: ClassVar[str] = "peft's (unquantized model)"
+    """What :meth:`should_upcast` casts, for the coverage table."""
 
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         return param.dtype in (torch.float16, torch.bfloat16)  # peft 0.21 casts plain models too

@@ -20,12 +20,14 @@ gradients for int8/int4/int2/float8 weights, with and without int8/float8 activa
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep.backends.base import (
+    MethodFacts,
     QuantBackend,
     config_quant_method,
     detect_in_tiers,
@@ -86,6 +88,12 @@ class QuantoBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install optimum-quanto"
     requires: ClassVar[tuple[str, ...]] = ("optimum.quanto",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"quanto"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "quanto": MethodFacts(
+            "WeightQBytesTensor (int8/float8) and WeightQBitsTensor (packed int2/int4) weight subclasses",
+            "yes (int2/int4/int8/float8, bf16 and fp32, with or without quantized activations)",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         def layers(m: nn.Module) -> str | None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends.base import QuantBackend, detect_in_tiers, is_wrapper_subclass, loaded_module
+from kbitprep.backends.base import MethodFacts, QuantBackend, detect_in_tiers, is_wrapper_subclass, loaded_module
 
 __all__ = ["TorchAoBackend"]
 
@@ -41,6 +41,13 @@ class TorchAoBackend(QuantBackend):
     install_hint: ClassVar[str] = "pip install 'kbitprep[torchao]'"
     requires: ClassVar[tuple[str, ...]] = ("torchao",)
     quant_methods: ClassVar[frozenset[str]] = frozenset({"torchao"})
+    method_facts: ClassVar[Mapping[str, MethodFacts]] = {
+        "torchao": MethodFacts(
+            "tensor subclasses reporting a float dtype (Int8Tensor, IntxUnpackedToInt8Tensor, ...)",
+            "per config: int8 weight-only yes; intx int4 weight-only yes (prepared with a warning that "
+            "transformers' Trainer refuses it unless kbitprep.mark_trainable is applied); dynamic activation no",
+        )
+    }
 
     def detect(self, model: nn.Module) -> str | None:
         def layers(m: nn.Module) -> str | None:
