@@ -6,6 +6,7 @@ method, with a plan you can read before anything changes and a report you can un
 
 from __future__ import annotations
 
+import kbitprep._render  # noqa: F401  (registers how str(plan) draws a plan)
 from kbitprep._errors import (
     AdapterWarning,
     BackendUnavailableError,

@@ -9,11 +9,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import nn
 
 from kbitprep._errors import PlanWarning
 
-__all__ = ["CastItem", "ModelInput", "ModulePrecision", "PreparationPlan", "PreparationReport", "UndoLog"]
+__all__ = [
+    "CastItem",
+    "ModelInput",
+    "ModulePrecision",
+    "PreparationPlan",
+    "PreparationReport",
+    "UndoLog",
+    "set_text_renderer",
+]
+
+# how str(plan) draws a plan: kbitprep._render registers its renderer when the package is
+# imported, so the records know nothing of how they are drawn
+_TEXT_RENDERER: list[Callable[[PreparationPlan], str]] = []
+
+
+def set_text_renderer(render: Callable[[PreparationPlan], str]) -> None:
+    """Make ``render`` what ``str(plan)`` returns (:mod:`kbitprep._render` registers its own)."""
+    _TEXT_RENDERER[:] = [render]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +41,8 @@ class CastItem:
     Attributes:
         name: Parameter name (the first one when it is tied).
         shape: Its shape.
-        from_dtype: Current dtype, e.g. ``"torch.bfloat16"`` (as ``str(dtype)``).
-        to_dtype: Target dtype.
+        from_dtype: Current dtype, e.g. ``torch.bfloat16``.
+        to_dtype: Target dtype, e.g. ``torch.float32``.
         bytes_before: Storage bytes now (numel × element size).
         bytes_after: Storage bytes after the cast.
         tied: Other names of the same parameter (tied weights are cast once).
@@ -32,8 +50,8 @@ class CastItem:
 
     name: str
     shape: tuple[int, ...]
-    from_dtype: str
-    to_dtype: str
+    from_dtype: torch.dtype
+    to_dtype: torch.dtype
     bytes_before: int
     bytes_after: int
     tied: tuple[str, ...] = ()
@@ -46,7 +64,7 @@ class ModulePrecision:
     Attributes:
         name: Module name.
         stored: Dtype of its own floating (non-storage) parameters after the casts, or of the
-            quantized layer's compute (``"quantized"`` layers list their kernel's input dtype).
+            quantized layer's compute (quantized layers list their kernel's input dtype).
         computes: The dtype it computes in: its floating inputs are cast to it, and parameters
             stored narrower are brought up to it at use (never stored).
         upcast_at_use: Names of its own parameters brought up to ``computes`` at each use.
@@ -57,10 +75,10 @@ class ModulePrecision:
     """
 
     name: str
-    stored: str
-    computes: str
+    stored: torch.dtype
+    computes: torch.dtype
     upcast_at_use: tuple[str, ...] = ()
-    output_to: str | None = None
+    output_to: torch.dtype | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +94,15 @@ class ModelInput:
 
     name: str
     module: str
-    dtype: str
+    dtype: torch.dtype
     cast: bool
 
 
 @dataclass(frozen=True, slots=True)
 class PreparationPlan:
     """What :func:`kbitprep.prepare` will do (or, for a report, did), decided without changing anything.
+
+    Dtypes are ``torch.dtype`` values; :meth:`to_dict` and ``str(plan)`` spell them as text.
 
     Attributes:
         backend: Registry name of the strategy used.
@@ -147,13 +167,13 @@ class PreparationPlan:
     bytes_delta: int
     warnings: tuple[PlanWarning, ...]
     input_grad_modules: tuple[str, ...] = ()
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
+    compute_dtype: torch.dtype | None = None
+    activation_dtype: torch.dtype | None = None
     precision: tuple[ModulePrecision, ...] = ()
     model_inputs: tuple[ModelInput, ...] = ()
     use_cache_off: bool = False
     distributed: str | None = None
-    shard_dtype: str | None = None
+    shard_dtype: torch.dtype | None = None
     checkpoint_kwargs: Mapping[str, Any] = field(default_factory=dict)
     activation_offload: bool = False
     checkpoint_every_n_layers: int = 1
@@ -163,7 +183,7 @@ class PreparationPlan:
     float_bytes: int = 0
     fixup_bytes: int = 0
     freeze_names: tuple[str, ...] = field(default=(), repr=False)
-    trainable_dtype: str | None = None
+    trainable_dtype: torch.dtype | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-serialisable data (dtypes as strings, callables as their repr)."""
@@ -176,9 +196,7 @@ class PreparationPlan:
         return out
 
     def __str__(self) -> str:
-        from kbitprep._render import render_text
-
-        return render_text(self)
+        return _TEXT_RENDERER[0](self) if _TEXT_RENDERER else repr(self)
 
 
 def _jsonable(value: Any) -> Any:
@@ -188,6 +206,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)  # "torch.float32"
     if isinstance(value, str):
         return str(value)  # a PlanWarning as plain text; its kind is in "warning_kinds"
     if value is None or isinstance(value, (bool, int, float)):

@@ -8,9 +8,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kbitprep._plan import PreparationPlan, set_text_renderer
+
 if TYPE_CHECKING:
+    import torch
+
     from kbitprep._errors import PlanWarning
-    from kbitprep._plan import PreparationPlan
 
 __all__ = ["PlanView", "Table", "plan_view", "render_text"]
 
@@ -37,8 +40,8 @@ class PlanView:
     warnings: tuple[PlanWarning, ...]
 
 
-def _short(dtype: str | None) -> str:
-    return "-" if dtype is None else dtype.removeprefix("torch.")
+def _short(dtype: torch.dtype | None) -> str:
+    return "-" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _cast_table(p: PreparationPlan, grouped: bool) -> Table:
@@ -46,7 +49,7 @@ def _cast_table(p: PreparationPlan, grouped: bool) -> Table:
     for c in p.casts:
         name = re.sub(r"\.\d+\.", ".*.", c.name) if grouped else c.name
         shape = "x".join(str(s) for s in c.shape) or "()"
-        key = (name, "" if grouped else shape, c.from_dtype, c.to_dtype)
+        key = (name, "" if grouped else shape, str(c.from_dtype), str(c.to_dtype))
         g = groups.setdefault(key, [0, 0, 0])
         g[0] += 1
         g[1] += c.bytes_before
@@ -168,3 +171,6 @@ def render_text(p: PreparationPlan) -> str:
     lines += [f"{label}: {value}" for label, value in view.summary]
     lines += [f"warning ({w.kind}): {w}" for w in view.warnings]
     return "\n".join(lines)
+
+
+set_text_renderer(render_text)

@@ -546,7 +546,7 @@ class PlanApplyTests(ConformanceBase):
         for c in p.casts:
             for name in (c.name, *c.tied):
                 casted[name] = c.to_dtype
-                assert str(params[name].dtype) == c.to_dtype, f"{name} is {params[name].dtype}, plan said {c.to_dtype}"
+                assert params[name].dtype == c.to_dtype, f"{name} is {params[name].dtype}, plan said {c.to_dtype}"
                 assert c.tied == () or params[name] is params[c.name], f"{name} is no longer tied to {c.name}"
         for name, param in params.items():
             if name not in casted:

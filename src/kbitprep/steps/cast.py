@@ -13,7 +13,7 @@ from kbitprep._errors import InvalidArgumentError, PlanWarning
 from kbitprep._names import covering, match_keep
 from kbitprep._plan import CastItem, PreparationPlan, UndoLog
 from kbitprep._storage import tensor_nbytes
-from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, dtype_of, nbytes_as
+from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, nbytes_as
 from kbitprep.steps.distributed import DistributedDecision
 
 __all__ = ["CastPlan", "apply", "plan_casts", "target_dtype"]
@@ -32,7 +32,7 @@ class CastPlan(StepPlan):
 
     casts: tuple[CastItem, ...] = ()
     bytes_delta: int = 0
-    trainable_dtype: str | None = None
+    trainable_dtype: torch.dtype | None = None
 
 
 def target_dtype(
@@ -134,8 +134,8 @@ def plan_casts(
             item = CastItem(
                 e.names[0],
                 tuple(p.shape),
-                str(p.dtype),
-                str(to),
+                p.dtype,
+                to,
                 tensor_nbytes(p),
                 nbytes_as(p, to),
                 tuple(e.names[1:]),
@@ -172,13 +172,13 @@ def plan_casts(
     )
 
 
-def _trainable_dtype(engine: DistributedDecision, upcast: object, upcast_dtype: torch.dtype) -> str | None:
+def _trainable_dtype(engine: DistributedDecision, upcast: object, upcast_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a parameter that becomes trainable after ``prepare`` (a peft ``modules_to_save``
     copy of a kept module) is stored in: the upcast dtype, unless the options keep storage as it
     is (``upcast="none"``, or a distributed engine that holds every parameter in one dtype)."""
     if upcast == "none" or (engine.mode is not None and not engine.upcast_kept):
         return None
-    return str(upcast_dtype)
+    return upcast_dtype
 
 
 def _cast_warnings(
@@ -232,7 +232,7 @@ def apply(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     for c in p.casts:
         param = params[c.name]
-        to = dtype_of(c.to_dtype)
+        to = c.to_dtype
         if param.dtype == to:
             continue
         old = param.dtype

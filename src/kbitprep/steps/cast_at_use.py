@@ -37,7 +37,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from kbitprep._errors import PrecisionWarning
 from kbitprep._plan import CastItem, PreparationPlan, UndoLog
 from kbitprep._storage import is_storage_dtype
-from kbitprep.steps.context import bits, dtype_of
+from kbitprep.steps.context import bits
 
 __all__ = ["ComputeSpec", "install_adopt", "install_spec", "spec_of"]
 
@@ -435,7 +435,7 @@ class _Adopt:
             _store_as(param, target)
             self.log.add(functools.partial(_store_as, param, old))
             after = param.numel() * param.element_size()
-            item = CastItem(names[0], tuple(param.shape), str(old), str(target), before, after, tuple(names[1:]))
+            item = CastItem(names[0], tuple(param.shape), old, target, before, after, tuple(names[1:]))
             self.log.__dict__.setdefault("trainable_casts", []).append(item)  # an older pickle lacks it
             for name, module, _leaf in holders[key]:
                 changed.setdefault(id(module), (name, module, old))
@@ -471,6 +471,5 @@ def install_adopt(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
                 del hooks[key]
                 log.add(functools.partial(_put_back, hooks, key, hook))
     if p.precision and p.compute_dtype is not None:
-        trainable = None if p.trainable_dtype is None else dtype_of(p.trainable_dtype)
-        handle = model.register_forward_pre_hook(_Adopt(dtype_of(p.compute_dtype), trainable, log))
+        handle = model.register_forward_pre_hook(_Adopt(p.compute_dtype, p.trainable_dtype, log))
         log.add(handle.remove)

@@ -34,7 +34,7 @@ from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPla
 from kbitprep._storage import is_storage_dtype, tensor_nbytes
 from kbitprep.steps.cast import target_dtype
 from kbitprep.steps.cast_at_use import ComputeSpec, install_adopt, install_spec, spec_of
-from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, dtype_of
+from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits
 from kbitprep.steps.distributed import DistributedDecision
 from kbitprep.steps.input_check import dry_run_input
 
@@ -48,14 +48,14 @@ FLOAT_INPUTS = ("input_features", "input_values", "pixel_values", "pixel_values_
 class ComputePlan(StepPlan):
     """The compute step's decisions (fields of :class:`~kbitprep.PreparationPlan`)."""
 
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
+    compute_dtype: torch.dtype | None = None
+    activation_dtype: torch.dtype | None = None
     precision: tuple[ModulePrecision, ...] = ()
     model_inputs: tuple[ModelInput, ...] = ()
 
 
 def _final_dtypes(ctx: Context, casts: tuple[CastItem, ...]) -> dict[int, torch.dtype]:
-    to = {c.name: dtype_of(c.to_dtype) for c in casts}
+    to = {c.name: c.to_dtype for c in casts}
     return {id(e.param): to.get(e.names[0], e.param.dtype) for e in ctx.inventory if e.castable}
 
 
@@ -213,12 +213,12 @@ def plan_compute(
     for r in rows:
         if not r.upcast and (not mixed or (r.computes == act and r.name in feeding and r.name not in entries)):
             continue
-        out = str(act) if r.computes != act and r.name in feeding else None
-        precision.append(ModulePrecision(r.name, str(r.stored), str(r.computes), r.upcast, out))
+        out = act if r.computes != act and r.name in feeding else None
+        precision.append(ModulePrecision(r.name, r.stored, r.computes, r.upcast, out))
     checked = _check_inputs(ctx, inputs, unkept)
     return ComputePlan(
-        compute_dtype=str(compute),
-        activation_dtype=str(act),
+        compute_dtype=compute,
+        activation_dtype=act,
         precision=tuple(precision),
         model_inputs=tuple(i for i, _w in checked),
         warnings=tuple(PlanWarning("precision", w) for _i, w in checked if w),
@@ -272,7 +272,7 @@ def _model_inputs(ctx: Context, computes: dict[str, torch.dtype], mixed: bool) -
         prefix = f"{owner}." if owner else ""
         for name, module in modules.items():
             if name.startswith(prefix) and name in computes and not isinstance(module, nn.Embedding):
-                found.append((ModelInput(arg, name, str(computes[name]), mixed), owner))
+                found.append((ModelInput(arg, name, computes[name], mixed), owner))
                 break
     return found
 
@@ -303,10 +303,10 @@ def _check_inputs(
     for item, owner in inputs:
         module = modules[item.module]
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point() and id(p) not in storage]
-        if item.cast or not own or str(own[0].dtype) == item.dtype:
+        if item.cast or not own or own[0].dtype == item.dtype:
             found.append((item, None))
             continue
-        old, planned = own[0].dtype, dtype_of(item.dtype)
+        old, planned = own[0].dtype, item.dtype
         verdicts = dry_run_input(
             modules[owner], owner, item.name, unkept, storage, lambda m: _kernel_dtype(ctx, m), old, planned
         )
@@ -353,9 +353,9 @@ def apply(model: nn.Module, p: PreparationPlan, log: UndoLog) -> None:
             continue
         spec = ComputeSpec(
             name,
-            dtype_of(row.computes),
+            row.computes,
             row.upcast_at_use,
-            None if row.output_to is None else dtype_of(row.output_to),
+            row.output_to,
         )
         if spec_of(module) != spec:
             install_spec(module, spec, log)

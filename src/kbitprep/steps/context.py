@@ -17,7 +17,7 @@ from kbitprep._storage import is_storage_dtype
 if TYPE_CHECKING:
     from kbitprep.backends.base import QuantBackend
 
-__all__ = ["Context", "ParamEntry", "StepPlan", "bits", "dtype_of", "nbytes_as", "prefix_of", "take_inventory"]
+__all__ = ["Context", "ParamEntry", "StepPlan", "bits", "nbytes_as", "prefix_of", "take_inventory"]
 
 
 @dataclass(slots=True)
@@ -124,10 +124,3 @@ def nbytes_as(param: torch.Tensor, dtype: torch.dtype) -> int:
 def bits(dtype: torch.dtype) -> int:
     """Width of a floating dtype in bits."""
     return torch.finfo(dtype).bits
-
-
-def dtype_of(text: str) -> torch.dtype:
-    """The ``torch.dtype`` a plan's dtype string names (``"torch.float32"`` or ``"float32"``)."""
-    value = getattr(torch, text.removeprefix("torch."))
-    assert isinstance(value, torch.dtype)
-    return value

@@ -464,7 +464,7 @@ class DistributedPlan(StepPlan):
     read (not a plan field)."""
 
     distributed: str | None = None
-    shard_dtype: str | None = None
+    shard_dtype: torch.dtype | None = None
     decision: DistributedDecision = OFF
 
     def plan_fields(self) -> dict[str, object]:
@@ -503,5 +503,6 @@ def plan_distributed(ctx: Context, distributed: DistributedMode, upcast: object)
             f"distributed mode keeps every floating parameter in one dtype ({decision.shard_dtype}). "
             "Leave upcast at 'auto'."
         )
-    shard = None if decision.shard_dtype is None else str(decision.shard_dtype)
-    return DistributedPlan(distributed=decision.mode, shard_dtype=shard, decision=decision, warnings=found)
+    return DistributedPlan(
+        distributed=decision.mode, shard_dtype=decision.shard_dtype, decision=decision, warnings=found
+    )
