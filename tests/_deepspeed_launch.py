@@ -113,7 +113,7 @@ def _engine_dtype(p: torch.nn.Parameter) -> str:
 def _load(model_dir: str, kind: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from _fixtures import bnb4_config
+    from _quantized import bnb4_config
 
     extra: dict[str, Any] = {}  # no device_map: transformers refuses one while a ZeRO-3 config is alive
     if kind == "nf4":
@@ -125,7 +125,7 @@ def _load(model_dir: str, kind: str) -> torch.nn.Module:
 
 def _prepare(model: torch.nn.Module, kind: str, how: str, ckpt: str) -> dict[str, Any] | None:
     import kbitprep
-    from _fixtures import enable_checkpointing
+    from _models import enable_checkpointing
 
     if how == "kbitprep":
         if kind == "bf16":  # kbitprep (as peft) leaves checkpointing off on an unquantized model
@@ -174,7 +174,7 @@ def _lora_grads(engine: Any) -> dict[str, tuple[bool, bool]]:
 
 
 def _train(rank: int, engine: Any) -> dict[str, Any]:
-    from _fixtures import standard_batch
+    from _models import standard_batch
 
     ids = standard_batch(batch=2 * PER_RANK)[rank * PER_RANK : (rank + 1) * PER_RANK]
     losses: list[float] = []
@@ -234,7 +234,7 @@ def run_trainer(rank: int, model_dir: str, out_dir: str) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     import kbitprep
-    from _fixtures import TokenDataset
+    from _training import TokenDataset
 
     config = {**ds_config("bf16"), "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto"}
     config["gradient_accumulation_steps"] = "auto"

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from _fixtures import TINY, bnb4_config
+from _models import TINY
+from _quantized import bnb4_config
 
 VOCAB = 1000
 IMAGE_TOKEN = 999

@@ -22,7 +22,10 @@ def main(model_dir: str, out_dir: str) -> None:
     from transformers import LlamaForCausalLM, Trainer
 
     import kbitprep
-    from _fixtures import TokenDataset, add_lora, bnb4_config, input_grad_hooks, load, lora_params, training_args
+    from _lora import add_lora, lora_params
+    from _models import load
+    from _quantized import bnb4_config
+    from _training import TokenDataset, input_grad_hooks, training_args
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")

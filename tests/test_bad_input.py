@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import bnb4_config, load, saved_tiny, tiny_llama
+from _models import load, saved_tiny, tiny_llama
+from _quantized import bnb4_config
 from kbitprep import (
     InvalidArgumentError,
     InvalidModelError,

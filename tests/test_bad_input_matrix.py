@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import bnb4, hook_count, model_state, plain, tiny_llama
+from _measure import hook_count, model_state
+from _models import tiny_llama
+from _quantized import bnb4, plain
 
 REENTRANT = {"use_reentrant": True}
 
@@ -96,7 +98,7 @@ def _mixed_cpu_meta(root: str, mp: pytest.MonkeyPatch) -> Any:
 
 
 def _peft(root: str, mp: pytest.MonkeyPatch) -> Any:
-    from _fixtures import add_lora
+    from _lora import add_lora
 
     return add_lora(bnb4(root))
 

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from _lora import grad_counts, standard_step
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, load, saved_tiny
+from _quantized import bnb4_config
 
 pytest.importorskip("bitsandbytes")
 tf5_only = pytest.mark.skipif(

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import tiny_llama
+from _models import tiny_llama
 from kbitprep import available_backends, cli, demo
 from kbitprep.demo import _model as demo_model
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import abc
-import atexit
-import functools
 import importlib.metadata
-import importlib.util
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import tiny_llama, transformers_major
 from kbitprep import InvalidArgumentError, KbitPrepError, UnknownBackendError
 from kbitprep.backends.base import QuantBackend
 from kbitprep.testing import (
@@ -33,19 +27,6 @@ from kbitprep.testing import (
     TrainingTests,
     UndoTests,
 )
-
-
-def _needs(*libs: str) -> pytest.MarkDecorator:
-    missing = [lib for lib in libs if importlib.util.find_spec(lib) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (not installed)")
-
-
-@functools.cache
-def _saved(dtype_name: str = "bfloat16") -> str:
-    root = tempfile.mkdtemp(prefix="kbitprep-conformance-")
-    atexit.register(shutil.rmtree, root, True)
-    tiny_llama(getattr(torch, dtype_name)).save_pretrained(root)
-    return root
 
 
 def _backend(name: str) -> type[QuantBackend]:
@@ -60,127 +41,7 @@ def _backend(name: str) -> type[QuantBackend]:
     return cls
 
 
-# bitsandbytes 4/8-bit, torchao through transformers, none and generic: tests/backends/test_<name>.py
-
-
-@_needs("torchao")
-class TestTorchAoDirectQuantize(BackendConformanceTests):
-    """torchao.quantize_ with no transformers attributes: found by the tensor subclasses (C07)."""
-
-    backend_cls = _backend("torchao")
-
-    def make_model(self) -> nn.Module:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        model = tiny_llama(torch.bfloat16)
-        quantize_(model, Int8WeightOnlyConfig())
-        return model
-
-
-# -- the strategies another developer is writing: run the kit on them once they exist ---------
-
-
-def _maybe(name: str) -> Any:
-    from kbitprep._registry import _BUILTINS
-
-    path = _BUILTINS[name].partition(":")[0]
-    if importlib.util.find_spec(path) is None:
-        return None
-    return _backend(name)
-
-
-def _fixtures() -> Any:
-    sys.path.insert(0, str(Path(__file__).parent / "backends"))
-    import _fixtures
-
-    return _fixtures
-
-
-@pytest.mark.skipif(_maybe("hqq") is None, reason="kbitprep.backends.hqq is not written yet")
-@_needs("hqq")
-class TestHqqDirect(BackendConformanceTests):
-    """HQQLinear swapped in by hand, no transformers attribute: found by module type (C15)."""
-
-    backend_cls = _maybe("hqq") or QuantBackend
-
-    def make_model(self) -> nn.Module:
-        return _fixtures().hqq_tiny()  # type: ignore[no-any-return]
-
-
-@pytest.mark.skipif(_maybe("eetq") is None, reason="kbitprep.backends.eetq is not written yet")
-@_needs("transformers")
-@pytest.mark.skipif(
-    transformers_major() < 5,
-    reason="transformers 4.57 has no EetqLinear of its own (it takes the layer from the eetq package, which has no CPU build); the stub-kernel tests build transformers 5's EetqLinear",
-)
-class TestEetqStubKernel(BackendConformanceTests):
-    """transformers' EetqLinear with a pure-torch stand-in for the hub kernel (no CPU build exists)."""
-
-    backend_cls = _maybe("eetq") or QuantBackend
-
-    @pytest.fixture(autouse=True)
-    def _fake_kernel(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import transformers.integrations.eetq as eetq
-
-        monkeypatch.setattr(eetq, "eetq_kernels_hub", _fixtures().FakeEetqKernels, raising=False)
-
-    def make_model(self) -> nn.Module:
-        return _fixtures().eetq_tiny(torch.float16)  # type: ignore[no-any-return]
-
-    def make_adapters(self, model: nn.Module) -> list[nn.Parameter]:
-        from transformers.integrations.eetq import EetqLinear
-
-        from kbitprep.testing import attach_lora
-
-        params: list[nn.Parameter] = []
-        for i, m in enumerate(m for m in model.modules() if isinstance(m, EetqLinear)):
-            n_in, n_out = m.weight.shape  # EetqLinear stores its int8 weight as (in, out)
-            params.extend(attach_lora(m, seed=i, in_features=n_in, out_features=n_out).parameters())
-        return params
-
-
-@functools.cache
-def _gptq_dir() -> str:
-    fx = _fixtures()
-    root = tempfile.mkdtemp(prefix="kbitprep-conformance-gptq-")
-    atexit.register(shutil.rmtree, root, True)
-    return fx.quantize_gptq(_saved("float16"), str(Path(root) / "gptq"))  # type: ignore[no-any-return]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(_maybe("gptq") is None, reason="kbitprep.backends.gptq is not written yet")
-@_needs("gptqmodel", "optimum")
-class TestGptqTorchKernel(BackendConformanceTests):
-    """The tiny Llama quantized by gptqmodel on CPU (4 bits, group 32): buffers-only storage (C05)."""
-
-    backend_cls = _maybe("gptq") or QuantBackend
-
-    def make_model(self) -> nn.Module:
-        return _fixtures().from_pretrained(_gptq_dir(), torch.float16)  # type: ignore[no-any-return]
-
-
-@functools.cache
-def _aqlm_dir() -> str:
-    root = tempfile.mkdtemp(prefix="kbitprep-conformance-aqlm-")
-    atexit.register(shutil.rmtree, root, True)
-    return _fixtures().write_aqlm_checkpoint(  # type: ignore[no-any-return]
-        str(Path(root) / "aqlm-1x16"), num_codebooks=1, nbits=16, not_to_quantize=["lm_head"]
-    )
-
-
-@pytest.mark.skipif(_maybe("aqlm") is None, reason="kbitprep.backends.aqlm is not written yet")
-@_needs("aqlm")
-@pytest.mark.skipif(
-    transformers_major() < 5,
-    reason="on transformers 4.57 the synthesized 1x16/2x8 checkpoints load with lm_head converted to AQLM as well (15 layers): the C17 expectations of a plain lm_head hold on transformers 5",
-)
-class TestAqlm1x16(BackendConformanceTests):
-    """A synthesized 1x16 AQLM checkpoint, the codebook layout that trains on CPU (C17)."""
-
-    backend_cls = _maybe("aqlm") or QuantBackend
-
-    def make_model(self) -> nn.Module:
-        return _fixtures().from_pretrained(_aqlm_dir(), torch.float32)  # type: ignore[no-any-return]
+# each built-in strategy's conformance classes live in tests/backends/test_<name>.py
 
 
 # -- the kit has teeth: a backend that breaks the rules fails it --------------------------------

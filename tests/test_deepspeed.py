@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import kbitprep
-from _fixtures import bnb4_config, load, saved_tiny, standard_batch
+from _models import load, saved_tiny, standard_batch
+from _quantized import bnb4_config
 from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError
 from kbitprep.steps import distributed as _distributed
 
@@ -304,7 +305,7 @@ def test_accelerate_environment(nf4: torch.nn.Module, no_launch: pytest.MonkeyPa
     p = kbitprep.plan(nf4, distributed="auto")
     assert (p.distributed, p.shard_dtype, p.casts, p.bytes_delta, p.use_reentrant) == (
         "deepspeed",
-        "torch.bfloat16",
+        torch.bfloat16,
         (),
         0,
         False,
@@ -324,7 +325,7 @@ def test_config_file_and_auto_precision(nf4: torch.nn.Module, no_launch: pytest.
     no_launch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     no_launch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     no_launch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert kbitprep.plan(nf4, distributed="auto").shard_dtype == "torch.bfloat16"
+    assert kbitprep.plan(nf4, distributed="auto").shard_dtype == torch.bfloat16
     # bf16 'auto' resolved to fp16: the engine would convert the bf16-packed 4-bit bytes as numbers
     no_launch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     before = {n: (p.dtype, p.requires_grad) for n, p in nf4.named_parameters()}
@@ -334,25 +335,25 @@ def test_config_file_and_auto_precision(nf4: torch.nn.Module, no_launch: pytest.
     assert {n: (p.dtype, p.requires_grad) for n, p in nf4.named_parameters()} == before
     no_launch.delenv("ACCELERATE_MIXED_PRECISION")  # 'auto' with nothing to resolve it: an assumption, said
     p = kbitprep.plan(nf4, distributed="deepspeed")
-    assert p.shard_dtype == "torch.bfloat16" and any("leaves bf16/fp16 at 'auto'" in w for w in p.warnings)
+    assert p.shard_dtype == torch.bfloat16 and any("leaves bf16/fp16 at 'auto'" in w for w in p.warnings)
 
 
 def test_transformers_config(nf4: torch.nn.Module, no_launch: pytest.MonkeyPatch, hf_config: Any) -> None:
     hf_config(_zero3("bf16"))
     p = kbitprep.plan(nf4, distributed="auto")
-    assert (p.distributed, p.shard_dtype, p.casts) == ("deepspeed", "torch.bfloat16", ())
+    assert (p.distributed, p.shard_dtype, p.casts) == ("deepspeed", torch.bfloat16, ())
     assert any("HfDeepSpeedConfig" in w for w in p.warnings)
     hf_config(_zero3("fp32"))  # the newest HfDeepSpeedConfig is the one transformers reads
     p = kbitprep.plan(nf4, distributed="deepspeed")
     # neither bf16 nor fp16: the engine keeps every dtype, so peft's fp32 upcast stays (7 casts, as C06)
     assert (p.distributed, p.shard_dtype) == ("deepspeed", None)
     assert p.casts == kbitprep.plan(nf4).casts and len(p.casts) == 7
-    assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {("torch.bfloat16", "torch.float32")}
+    assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {(torch.bfloat16, torch.float32)}
 
 
 def test_no_config_is_an_assumption(nf4: torch.nn.Module, no_launch: pytest.MonkeyPatch) -> None:
     p = kbitprep.plan(nf4, distributed="deepspeed")
-    assert (p.distributed, p.shard_dtype, p.casts, p.use_reentrant) == ("deepspeed", "torch.bfloat16", (), False)
+    assert (p.distributed, p.shard_dtype, p.casts, p.use_reentrant) == ("deepspeed", torch.bfloat16, (), False)
     assert any("no DeepSpeed config was found" in w for w in p.warnings), p.warnings
     assert kbitprep.plan(nf4, distributed="auto").distributed is None
 

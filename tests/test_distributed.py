@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import kbitprep
-from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, add_lora, bnb4_config, load, saved_tiny, standard_batch
+from _lora import add_lora
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, load, saved_tiny, standard_batch
+from _quantized import bnb4_config
 from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError
 
 pytestmark = pytest.mark.distributed
@@ -66,7 +68,7 @@ def _prepared_with(path: str, how: str) -> torch.nn.Module:
     model = _load_bf16_storage(path)
     if how == "kbitprep":
         report = kbitprep.prepare(model, distributed="fsdp")
-        dtype = getattr(torch, report.shard_dtype.removeprefix("torch."))
+        dtype = report.shard_dtype
         return _attach_lora(model, dtype)
     from peft import prepare_model_for_kbit_training
 
@@ -279,7 +281,7 @@ def bf16_storage(model_root: str) -> torch.nn.Module:
 def test_plan_keeps_one_dtype(bf16_storage: torch.nn.Module) -> None:
     before = {n: (p.dtype, p.requires_grad) for n, p in bf16_storage.named_parameters()}
     p = kbitprep.plan(bf16_storage, distributed="fsdp")
-    assert (p.distributed, p.shard_dtype) == ("fsdp", "torch.bfloat16")
+    assert (p.distributed, p.shard_dtype) == ("fsdp", torch.bfloat16)
     assert p.casts == () and p.bytes_delta == 0
     assert (p.gradient_checkpointing, p.use_reentrant, p.use_cache_off) == (True, False, True)
     assert p.input_grad_hook is ENABLE_ADDS_INPUT_GRAD_HOOK  # transformers 5's enable installs it; kept (C18)
@@ -315,8 +317,8 @@ def test_model_dtype_differs_from_storage(model_root: str) -> None:
     # float32 norms and embeddings beside bf16 storage: cast down to the storage dtype
     model = _load_bf16_storage(saved_tiny(model_root), dtype=torch.float32)
     p = kbitprep.plan(model, distributed="fsdp")
-    assert p.shard_dtype == "torch.bfloat16"
-    assert len(p.casts) == 7 and {(c.from_dtype, c.to_dtype) for c in p.casts} == {("torch.float32", "torch.bfloat16")}
+    assert p.shard_dtype == torch.bfloat16
+    assert len(p.casts) == 7 and {(c.from_dtype, c.to_dtype) for c in p.casts} == {(torch.float32, torch.bfloat16)}
     assert p.bytes_delta < 0
     # true for this model: fp32 inputs_embeds (its loaded dtype) would reach the now-bf16 norm,
     # which returns fp32 into the bf16 projections
@@ -328,7 +330,7 @@ def test_model_dtype_differs_from_storage(model_root: str) -> None:
 def test_integer_storage_warns(model_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = load(saved_tiny(model_root), quantization_config=bnb4_config())  # quant_storage uint8
     p = kbitprep.plan(model, distributed="fsdp")
-    assert p.distributed == "fsdp" and p.shard_dtype == "torch.bfloat16" and p.casts == ()
+    assert p.distributed == "fsdp" and p.shard_dtype == torch.bfloat16 and p.casts == ()
     assert any(FSDP1_INTEGER in w and "torch.uint8" in w for w in p.warnings), p.warnings
     # auto with an FSDP launch: integer storage leaves the mode off, and says so
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -340,7 +342,7 @@ def test_integer_storage_warns(model_root: str, monkeypatch: pytest.MonkeyPatch)
 def test_auto_follows_accelerate_fsdp_launch(bf16_storage: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     p = kbitprep.plan(bf16_storage, distributed="auto")
-    assert (p.distributed, p.shard_dtype, p.casts) == ("fsdp", "torch.bfloat16", ())
+    assert (p.distributed, p.shard_dtype, p.casts) == ("fsdp", torch.bfloat16, ())
     assert any("ACCELERATE_USE_FSDP" in w for w in p.warnings)
 
 

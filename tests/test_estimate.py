@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import TINY
 from _matrix import ARCHS, QUANTS, Arch, _lm_batch
+from _models import TINY
 from kbitprep._estimate import MemoryEstimate, measure_step
 from kbitprep._estimate._build import example_batch, make_optimizer, resident_tensors, storage_bytes, trainable
 from kbitprep._estimate._step import train_step
@@ -361,7 +361,8 @@ def test_loaded_and_peft_models(model_root: str, llama_nf4: tuple[Measured, Memo
 def _gptq_dir(root: str) -> str:
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
-    from _fixtures import quantize_gptq, saved_tiny
+    from _models import saved_tiny
+    from _quantized import quantize_gptq
 
     # the same folder as the backend tests' gptq_dir fixture, so it is quantized once per session
     return quantize_gptq(saved_tiny(root, "float16"), str(Path(root) / "gptq-4bit-g32"))
@@ -370,7 +371,8 @@ def _gptq_dir(root: str) -> str:
 def _awq_dir(root: str) -> str:
     pytest.importorskip("gptqmodel")
     pytest.importorskip("auto_round")
-    from _fixtures import quantize_awq, saved_tiny
+    from _models import saved_tiny
+    from _quantized import quantize_awq
 
     return quantize_awq(saved_tiny(root, "float16"), str(Path(root) / "awq-4bit-g32"))
 
@@ -600,7 +602,7 @@ def test_cuda_peak_within_ten_percent(model_root: str) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from _fixtures import bnb4_config
+    from _quantized import bnb4_config
 
     path = _saved(model_root, "llama", torch.bfloat16)
     qc = bnb4_config(bnb_4bit_compute_dtype=torch.bfloat16)

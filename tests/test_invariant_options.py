@@ -42,7 +42,9 @@ from hypothesis import assume, given, note  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY, bnb4_config, load, model_state, tiny_llama  # noqa: E402
+from _measure import model_state  # noqa: E402
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY, load, tiny_llama  # noqa: E402
+from _quantized import bnb4_config  # noqa: E402
 
 # -- item 3: names match as in peft ------------------------------------------------------------
 

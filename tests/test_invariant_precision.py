@@ -39,7 +39,8 @@ from hypothesis import given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import bnb4_config, load, saved_tiny, standard_batch, transformers_major  # noqa: E402
+from _models import load, saved_tiny, standard_batch, transformers_major  # noqa: E402
+from _quantized import bnb4_config  # noqa: E402
 
 # On transformers 4.57 the meta-device run of an unquantized Llama's first module does not decide,
 # so kbitprep falls back to the structural rule and still warns about bf16 inputs_embeds (seen in
@@ -144,9 +145,9 @@ def test_a_kept_module_computes_at_the_dtype_the_plan_would_cast_it_to(model_roo
     cast_to = {c.name.removesuffix(".weight"): c.to_dtype for c in plain.casts}
     rows = {r.name: r for r in kept.precision}
     for name in ("model.embed_tokens", "lm_head"):
-        assert cast_to[name] == "torch.float32"
+        assert cast_to[name] == torch.float32
         assert (rows[name].stored, rows[name].computes, rows[name].upcast_at_use) == (
-            "torch.bfloat16",
+            torch.bfloat16,
             cast_to[name],
             ("weight",),
         )
@@ -192,7 +193,7 @@ def test_llm_int8_computes_in_the_dtype_it_was_loaded_in(model_root: str) -> Non
     assert model.config.quantization_config.bnb_4bit_compute_dtype == torch.float32  # the trap
     assert BitsAndBytesBackend().compute_dtype(model) == torch.float16
     p = kbitprep.plan(model, upcast="none")
-    assert (p.compute_dtype, p.activation_dtype, p.casts, p.precision) == ("torch.float16", "torch.float16", (), ())
+    assert (p.compute_dtype, p.activation_dtype, p.casts, p.precision) == (torch.float16, torch.float16, (), ())
     with _quiet():
         kbitprep.prepare(model, upcast="none")
     model.train()

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_batch, standard_step, tiny_config
+from _lora import add_lora, grad_counts, standard_step
+from _models import load, saved_tiny, standard_batch, tiny_config
+from _quantized import bnb4_config
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -80,10 +82,10 @@ def test_modules_to_save_copies_of_kept_modules_are_stored_at_the_upcast_dtype_b
         assert param.dtype == torch.float32, name
         assert id(param) in held and optimizer.state[param]["exp_avg"].dtype == torch.float32, name
     assert bool(torch.isfinite(out.loss)) and out.logits.dtype == torch.float32
-    assert report.trainable_dtype == str(torch.float32)
+    assert report.trainable_dtype == torch.float32
     assert {n for c in report.trainable_casts for n in (c.name, *c.tied)} == set(copies)
     assert len(report.trainable_casts) == len({id(p) for p in copies.values()})
-    assert {(c.from_dtype, c.to_dtype) for c in report.trainable_casts} == {("torch.bfloat16", "torch.float32")}
+    assert {(c.from_dtype, c.to_dtype) for c in report.trainable_casts} == {(torch.bfloat16, torch.float32)}
     report.undo()
     assert all(p.dtype == torch.bfloat16 for p in copies.values())
 
@@ -141,7 +143,7 @@ def test_upcast_none_asks_for_storage_as_it_is() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", kbitprep.KbitPrepWarning)
         assert kbitprep.plan(model, upcast="none").trainable_dtype is None
-        assert kbitprep.plan(model, upcast_dtype=torch.float64).trainable_dtype == str(torch.float64)
+        assert kbitprep.plan(model, upcast_dtype=torch.float64).trainable_dtype == torch.float64
 
 
 def test_a_deepcopy_of_a_prepared_model_stores_its_own_copies_wide(model_root: str) -> None:

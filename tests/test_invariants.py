@@ -33,8 +33,8 @@ from hypothesis import given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import transformers_major  # noqa: E402
 from _matrix import ARCHS, QUANTS, load_matrix_model  # noqa: E402
+from _models import transformers_major  # noqa: E402
 
 TRANSFORMERS5 = transformers_major() >= 5
 
@@ -71,7 +71,7 @@ def _features_dtype(report: kbitprep.PreparationReport, loaded: torch.dtype) -> 
     it and adds no cast."""
     for item in report.model_inputs:
         if item.name in FEATURES and not item.cast:
-            return getattr(torch, item.dtype.removeprefix("torch."))  # type: ignore[no-any-return]
+            return item.dtype
     return loaded
 
 
@@ -262,7 +262,8 @@ def test_keep_is_bit_identical_for_a_real_sized_vocabulary(model_root: str) -> N
 
     from peft import LoraConfig, get_peft_model
 
-    from _fixtures import bnb4_config, load, tiny_llama
+    from _models import load, tiny_llama
+    from _quantized import bnb4_config
 
     path = Path(model_root) / "tiny-vocab9000"
     if not (path / "config.json").exists():

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import TINY, add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step, transformers_major
+from _lora import add_lora, grad_counts, standard_step
+from _models import TINY, load, saved_tiny, transformers_major
+from _quantized import bnb4_config
 
 pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
 

@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from _lora import add_lora, grad_counts, standard_step
+from _models import load, saved_tiny
+from _quantized import bnb4_config
 
 pytest.importorskip("peft", reason="parity tests compare against peft; pip install peft==0.21.2")
 

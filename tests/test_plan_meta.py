@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import bnb4_config, load, saved_tiny, tiny_llama
+from _models import load, saved_tiny, tiny_llama
+from _quantized import bnb4_config
 
 
 def _meta_twin(model: nn.Module) -> nn.Module:

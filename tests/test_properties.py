@@ -46,7 +46,9 @@ from hypothesis import given, note  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import add_lora, param_bytes, tiny_llama  # noqa: E402
+from _lora import add_lora  # noqa: E402
+from _measure import param_bytes  # noqa: E402
+from _models import tiny_llama  # noqa: E402
 from kbitprep.backends.base import tensor_nbytes  # noqa: E402
 
 VOCAB = 128
@@ -458,7 +460,7 @@ def check_prepare(model: nn.Module, s: Scenario) -> tuple[kbitprep.PreparationRe
         for pid in before.params
         if before.params[pid][1] != after.params[pid][1]
     }
-    planned = {c.name: (c.from_dtype, c.to_dtype) for c in p.casts}
+    planned = {c.name: (str(c.from_dtype), str(c.to_dtype)) for c in p.casts}  # observe() records str(dtype)
     assert changed == planned
     params = dict(model.named_parameters(remove_duplicate=False))
     for c in p.casts:
@@ -478,7 +480,7 @@ def check_prepare(model: nn.Module, s: Scenario) -> tuple[kbitprep.PreparationRe
         assert kbitprep.steps.checkpoint_transformers.has_input_grad_hook(modules[name])
     for row in p.precision:
         spec = kbitprep.steps.cast_at_use.spec_of(modules[row.name])
-        assert spec is not None and str(spec.dtype) == row.computes
+        assert spec is not None and spec.dtype == row.computes
 
     # a second prepare changes nothing and records nothing
     second, _ = _prepare(model, s)

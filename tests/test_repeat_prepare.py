@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, grad_counts, load, saved_tiny, standard_step
+from _lora import add_lora, grad_counts, standard_step
+from _models import load, saved_tiny
+from _quantized import bnb4_config
 from kbitprep.backends.base import QuantBackend
 
 
@@ -36,14 +38,14 @@ def test_a_second_prepare_with_other_options_leaves_no_stale_input_cast(
     _quiet_prepare(model, **first)
     report = _quiet_prepare(model, **second)
     rows = {r.name: r.computes for r in report.precision}
-    want = rows.get("lm_head", str(model.lm_head.weight.dtype))
+    want = rows.get("lm_head", model.lm_head.weight.dtype)
     seen: list[torch.dtype] = []
     model.lm_head.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))  # type: ignore[arg-type]
     peft_model = add_lora(model)
     loss, grads = standard_step(peft_model)
     assert torch.isfinite(torch.tensor(loss))
     assert grad_counts(grads) == (8, 8, 4)
-    assert str(seen[0]) == want
+    assert seen[0] == want
 
 
 def test_upcast_dtype_must_be_a_compute_dtype(model_root: str) -> None:
@@ -74,7 +76,8 @@ def test_no_backend_may_be_named_auto() -> None:
 
 def test_reports_undone_out_of_order_still_restore_the_model(model_root: str) -> None:
     """Undoing an earlier report first also undoes the later ones on the same model."""
-    from _fixtures import checkpointing_on, snapshot
+    from _measure import snapshot
+    from _models import checkpointing_on
 
     model = load(saved_tiny(model_root), quantization_config=bnb4_config())
     before = snapshot(model)

@@ -15,20 +15,10 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    LORA_TARGETS,
-    UseCacheProbe,
-    assert_every_lora_changed,
-    bnb4_config,
-    common_args,
-    count_real_enables,
-    finite_losses,
-    input_grad_hooks,
-    load,
-    lora_params,
-    saved_tiny,
-    watch,
-)
+from _lora import LORA_TARGETS, assert_every_lora_changed, lora_params
+from _models import load, saved_tiny
+from _quantized import bnb4_config
+from _training import UseCacheProbe, common_args, count_real_enables, finite_losses, input_grad_hooks, watch
 from kbitprep.steps.checkpoint_transformers import current_use_reentrant, is_enabled
 
 pytest.importorskip("trl")

@@ -22,16 +22,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    ENABLE_ADDS_INPUT_GRAD_HOOK,
-    add_lora,
-    bnb4_config,
-    enable_checkpointing,
-    load,
-    saved_tiny,
-    standard_step,
-    transformers_major,
-)
+from _lora import add_lora, standard_step
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, enable_checkpointing, load, saved_tiny, transformers_major
+from _quantized import bnb4_config
 
 
 def _bnb4() -> Any:
@@ -234,7 +227,7 @@ def test_bytes_delta_equals_measured_change(label: str, model_root: str) -> None
     # every cast in the plan happened, and nothing else changed dtype
     params = dict(model.named_parameters())
     for c in report.casts:
-        assert str(params[c.name].dtype) == c.to_dtype
+        assert params[c.name].dtype == c.to_dtype
         assert params[c.name].numel() * params[c.name].element_size() == c.bytes_after
 
 
@@ -394,7 +387,7 @@ def test_a_prepared_model_pickles_whole_and_its_loaded_report_refuses_to_undo() 
     input-grad hook is a local function, so such a model does not pickle, with or without kbitprep.)"""
     import io
 
-    from _fixtures import tiny_llama
+    from _models import tiny_llama
     from kbitprep import InvalidModelError
     from kbitprep.steps.cast_at_use import spec_of
 

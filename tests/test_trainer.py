@@ -17,19 +17,15 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
+from _lora import add_lora, assert_every_lora_changed, lora_params
+from _models import load, saved_tiny, tiny_llama
+from _quantized import bnb4_config
+from _training import (
     TokenDataset,
     UseCacheProbe,
-    add_lora,
-    assert_every_lora_changed,
-    bnb4_config,
     count_real_enables,
     finite_losses,
     input_grad_hooks,
-    load,
-    lora_params,
-    saved_tiny,
-    tiny_llama,
     training_args,
     watch,
 )

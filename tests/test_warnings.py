@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, load, saved_tiny, tiny_llama, transformers_major
+from _lora import add_lora
+from _models import load, saved_tiny, tiny_llama, transformers_major
+from _quantized import bnb4_config
 from kbitprep._errors import WARNING_KINDS
 
 # transformers 4.57: the meta-device check of the first module cannot decide for an unquantized

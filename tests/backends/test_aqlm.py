@@ -10,29 +10,20 @@ from torch import nn
 
 pytest.importorskip("aqlm", reason="aqlm is not installed (pip install 'aqlm[cpu]')")
 
-from _fixtures import transformers_major  # noqa: E402
+from _models import transformers_major  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     transformers_major() < 5,
     reason="on transformers 4.57 the synthesized 1x16/2x8 checkpoints load with lm_head converted to AQLM as well (15 layers): the C17 expectations of a plain lm_head hold on transformers 5",
 )
 
-from _fixtures import (  # noqa: E402  # noqa: E402
-    N_LINEARS,
-    N_PLAIN,
-    UPCAST_IDS,
-    UPCASTS,
-    add_lora,
-    checkpointing_on,
-    from_pretrained,
-    grad_counts,
-    hook_count,
-    prepare_quietly,
-    standard_batch,
-    standard_step,
-    storage_state,
-)
+from _lora import add_lora, grad_counts, standard_step  # noqa: E402
+from _measure import hook_count, storage_state  # noqa: E402
+from _models import N_LINEARS, N_PLAIN, checkpointing_on, from_pretrained, standard_batch  # noqa: E402
+from _quantized import UPCAST_IDS, UPCASTS, prepare_quietly  # noqa: E402
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare  # noqa: E402
+from kbitprep.backends.aqlm import AqlmBackend  # noqa: E402
+from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
 CPU_2X8_REASON = (
     "aqlm 1.1.7 runs 2x8 codebooks on CPU with a forward-only numba kernel (no backward, fp32 only); "
@@ -48,6 +39,25 @@ def _quantized_layers(model: nn.Module) -> list[nn.Module]:
 
 def _checkpointing_on(model: nn.Module) -> bool:
     return checkpointing_on(model)
+
+
+# -- the conformance kit (kbitprep.testing) --------------------------------------------------------
+
+
+class TestAqlm1x16(BackendConformanceTests):
+    """A synthesized 1x16 AQLM checkpoint, the codebook layout that trains on CPU (C17)."""
+
+    backend_cls = AqlmBackend
+
+    @pytest.fixture(autouse=True)
+    def _aqlm_dir(self, aqlm_dirs: dict[str, str]) -> None:
+        self.aqlm_dir = aqlm_dirs["a"]  # 1x16, lm_head not quantized
+
+    def make_model(self) -> nn.Module:
+        return from_pretrained(self.aqlm_dir, torch.float32)
+
+
+# -- what is particular to AQLM --------------------------------------------------------------------
 
 
 def test_aqlm_1x16_codes_codebooks_and_scales_are_the_storage(aqlm_dirs: dict[str, str]) -> None:

@@ -7,17 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import (
-    N_LINEARS,
-    add_lora,
-    checkpointing_on,
-    from_pretrained,
-    grad_counts,
-    hook_count,
-    standard_batch,
-    standard_step,
-    storage_by_base_name,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import hook_count, storage_by_base_name
+from _models import N_LINEARS, checkpointing_on, from_pretrained, standard_batch
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 # 7.6.0, the gptqmodel release for torch 2.13 on CPU, requires transformers>=5.14
@@ -79,7 +71,7 @@ def test_awq_prepare_pins_train_mode_so_an_eval_forward_cannot_stop_gradients(
 
     p = plan(model, use_gradient_checkpointing=checkpointing)
     assert all(m.linear_mode is None for m in _aten_layers(model))
-    assert (p.backend, p.casts, p.bytes_delta, p.compute_dtype) == ("awq", (), 0, "torch.float16")
+    assert (p.backend, p.casts, p.bytes_delta, p.compute_dtype) == ("awq", (), 0, torch.float16)
 
     prepare(model, use_gradient_checkpointing=checkpointing)
     assert [m.linear_mode for m in _aten_layers(model)] == ["train"] * N_LINEARS

@@ -11,16 +11,10 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    N_LINEARS,
-    add_lora,
-    checkpointing_on,
-    from_pretrained,
-    grad_counts,
-    standard_step,
-    storage_state,
-    write_bitnet_checkpoint,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import storage_state
+from _models import N_LINEARS, checkpointing_on, from_pretrained
+from _quantized import write_bitnet_checkpoint
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 
@@ -85,7 +79,7 @@ def test_offline_autobitlinear_keeps_ternary_storage_and_trains(
     assert state["model.layers.0.self_attn.q_proj.weight"][:3] == (torch.bfloat16, (64, 64), 64 * 64 * 2)
 
     p = plan(model)
-    assert (p.backend, p.casts, p.bytes_delta, p.compute_dtype) == ("bitnet", (), 0, "torch.bfloat16")
+    assert (p.backend, p.casts, p.bytes_delta, p.compute_dtype) == ("bitnet", (), 0, torch.bfloat16)
     assert any("kbitprep.mark_trainable(model)" in w for w in p.warnings)
     with pytest.warns(kbitprep.KbitPrepWarning, match="mark_trainable"):
         prepare(model)

@@ -18,7 +18,8 @@ pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip i
 import bitsandbytes as bnb  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import bnb4_config, load, saved_tiny  # noqa: E402
+from _models import load, saved_tiny  # noqa: E402
+from _quantized import bnb4_config  # noqa: E402
 from kbitprep.backends.bitsandbytes import BitsAndBytesBackend  # noqa: E402
 from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
@@ -99,7 +100,7 @@ def test_every_plain_half_parameter_goes_to_fp32_and_packed_weights_keep_their_b
 
     p = kbitprep.plan(model)
     assert {c.name for c in p.casts} == PLAIN
-    assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {("torch.bfloat16", "torch.float32")}
+    assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {(torch.bfloat16, torch.float32)}
     assert p.bytes_delta == sum(params[n].numel() for n in PLAIN) * 2 == 256_640
 
     report = kbitprep.prepare(model)

@@ -21,19 +21,9 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    N_LINEARS,
-    add_lora,
-    decoder_linears,
-    grad_counts,
-    load,
-    param_bytes,
-    standard_batch,
-    standard_step,
-    storage_by_base_name,
-    tiny_llama,
-    transformers_major,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import param_bytes, storage_by_base_name
+from _models import N_LINEARS, decoder_linears, load, standard_batch, tiny_llama, transformers_major
 from kbitprep.testing import BackendConformanceTests
 
 pytest.importorskip("compressed_tensors")
@@ -327,9 +317,9 @@ def test_nvfp4_in_an_fp32_model_computes_in_bf16_with_casts_at_its_boundaries() 
     model = ct_llama("NVFP4A16", torch.float32)
     p = kbitprep.plan(model)
     rows = {r.name: r for r in p.precision}
-    assert p.compute_dtype == "torch.float32"
+    assert p.compute_dtype == torch.float32
     assert {n for n, _m in decoder_linears(model)} <= set(rows)
-    assert (rows[Q_PROJ].computes, rows[Q_PROJ].output_to) == ("torch.bfloat16", "torch.float32")
+    assert (rows[Q_PROJ].computes, rows[Q_PROJ].output_to) == (torch.bfloat16, torch.float32)
     report, _ = _prepare(model)
     reference = tiny_llama(torch.float32)  # the dequantized bf16 weights, exactly widened to fp32
     for name, linear in decoder_linears(reference):

@@ -18,23 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import (
-    N_LINEARS,
-    N_PLAIN,
-    UPCAST_IDS,
-    UPCASTS,
-    FakeEetqKernels,
-    add_lora,
-    eetq_tiny,
-    grad_counts,
-    kernel_inputs,
-    prepare_quietly,
-    standard_batch,
-    standard_step,
-    storage_state,
-    transformers_major,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import kernel_inputs, storage_state
+from _models import N_LINEARS, N_PLAIN, standard_batch, transformers_major
+from _quantized import UPCAST_IDS, UPCASTS, FakeEetqKernels, eetq_tiny, prepare_quietly
 from kbitprep import detect_backend, get_backend, plan, prepare
+from kbitprep.backends.eetq import EetqBackend
+from kbitprep.testing import BackendConformanceTests
 
 pytestmark = pytest.mark.skipif(
     transformers_major() < 5,
@@ -80,6 +70,33 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     from transformers.integrations.eetq import EetqLinear
 
     return [m for m in model.modules() if isinstance(m, EetqLinear)]
+
+
+# -- the conformance kit (kbitprep.testing) --------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fake_kernel")
+class TestEetqStubKernel(BackendConformanceTests):
+    """transformers' EetqLinear with a pure-torch stand-in for the hub kernel (no CPU build exists)."""
+
+    backend_cls = EetqBackend
+
+    def make_model(self) -> nn.Module:
+        return eetq_tiny(torch.float16)
+
+    def make_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        from transformers.integrations.eetq import EetqLinear
+
+        from kbitprep.testing import attach_lora
+
+        params: list[nn.Parameter] = []
+        for i, m in enumerate(m for m in model.modules() if isinstance(m, EetqLinear)):
+            n_in, n_out = m.weight.shape  # EetqLinear stores its int8 weight as (in, out)
+            params.extend(attach_lora(m, seed=i, in_features=n_in, out_features=n_out).parameters())
+        return params
+
+
+# -- what is particular to EETQ --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -166,7 +183,7 @@ def test_eetq_real_kernel_on_cuda_trains_one_step(model_root: str, eetq_stub: No
     except Exception as exc:
         pytest.skip(f"the EETQ hub kernel kernels-community/quantization-eetq is not available here: {exc}")
 
-    from _fixtures import saved_tiny
+    from _models import saved_tiny
 
     model = AutoModelForCausalLM.from_pretrained(
         saved_tiny(model_root, "float16"), dtype=torch.float16, device_map="cuda", quantization_config=EetqConfig()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import checkpointing_on, load, saved_tiny
+from _models import checkpointing_on, load, saved_tiny
 from kbitprep.backends.generic import GenericBackend
 from kbitprep.testing import BackendConformanceTests
 

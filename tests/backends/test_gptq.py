@@ -9,21 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import (
-    N_LINEARS,
-    N_PLAIN,
-    add_lora,
-    checkpointing_on,
-    from_pretrained,
-    grad_counts,
-    hook_count,
-    kernel_inputs,
-    standard_batch,
-    standard_step,
-    storage_by_base_name,
-    tiny_llama,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import hook_count, kernel_inputs, storage_by_base_name
+from _models import N_LINEARS, N_PLAIN, checkpointing_on, from_pretrained, standard_batch, tiny_llama
 from kbitprep import KbitPrepWarning, NotTrainableError, detect_backend, get_backend, plan, prepare
+from kbitprep.backends.gptq import GptqBackend
+from kbitprep.testing import BackendConformanceTests
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +49,26 @@ def _checkpointing_on(model: nn.Module) -> bool:
 def gptq_model(gptq_dir: str) -> nn.Module:
     """The C05(a) model, freshly reloaded in fp16 (eval mode, no forward run yet)."""
     return from_pretrained(gptq_dir, torch.float16)
+
+
+# -- the conformance kit (kbitprep.testing) --------------------------------------------------------
+
+
+@pytest.mark.slow
+class TestGptqTorchKernel(BackendConformanceTests):
+    """The tiny Llama quantized by gptqmodel on CPU (4 bits, group 32): buffers-only storage (C05)."""
+
+    backend_cls = GptqBackend
+
+    @pytest.fixture(autouse=True)
+    def _gptq_dir(self, gptq_dir: str) -> None:
+        self.gptq_dir = gptq_dir
+
+    def make_model(self) -> nn.Module:
+        return from_pretrained(self.gptq_dir, torch.float16)
+
+
+# -- what is particular to GPTQ --------------------------------------------------------------------
 
 
 def test_gptq_model_is_loaded_with_buffers_only_storage(gptq_model: nn.Module) -> None:
@@ -180,7 +191,7 @@ def test_gptq_upcast_all_casts_only_the_plain_parameters_and_feeds_kernels_fp16(
     before = storage_by_base_name(model, backend)
     p = plan(model, upcast="all")
     assert {c.name for c in p.casts} == PLAIN
-    assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {("torch.float16", "torch.float32")}
+    assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {(torch.float16, torch.float32)}
     assert p.bytes_delta == sum(t.numel() for t in model.parameters()) * 2
     with pytest.warns(KbitPrepWarning, match="upcast='all' on a gptq model"):
         prepare(model, upcast="all")
@@ -291,7 +302,7 @@ def test_toy_gptq_layer_gets_fp16_inputs_under_upcast_all() -> None:
     with pytest.warns(KbitPrepWarning, match="expect their own compute"):
         report = prepare(model, upcast="all")
     assert len(report.casts) == N_PLAIN
-    assert {m.computes for m in report.precision if "proj" in m.name} == {"torch.float16"}
+    assert {m.computes for m in report.precision if "proj" in m.name} == {torch.float16}
     model.train()
     out = model(input_ids=standard_batch(), labels=standard_batch())
     assert torch.isfinite(out.loss)
@@ -301,7 +312,8 @@ def test_toy_gptq_layer_gets_fp16_inputs_under_upcast_all() -> None:
 def test_gptq_quantized_on_cuda_trains_one_step(model_root: str, tmp_path: Any) -> None:
     """C05(a) on CUDA: quantize with gptqmodel on the GPU, reload, prepare, LoRA, one step."""
     pytest.importorskip("gptqmodel", reason="gptqmodel is not installed")
-    from _fixtures import quantize_gptq, saved_tiny
+    from _models import saved_tiny
+    from _quantized import quantize_gptq
 
     qdir = quantize_gptq(saved_tiny(model_root, "float16"), str(tmp_path / "gptq-cuda"), device_map="cuda")
     from transformers import AutoModelForCausalLM

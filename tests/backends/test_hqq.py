@@ -12,25 +12,13 @@ pytest.importorskip("hqq", reason="hqq is not installed (pip install hqq)")
 
 from hqq.core.quantize import HQQLinear  # noqa: E402
 
-from _fixtures import (  # noqa: E402  # noqa: E402
-    ENABLE_ADDS_INPUT_GRAD_HOOK,
-    N_LINEARS,
-    N_PLAIN,
-    UPCAST_IDS,
-    UPCASTS,
-    add_lora,
-    decoder_linears,
-    grad_counts,
-    hook_count,
-    hqq_tiny,
-    kernel_inputs,
-    prepare_quietly,
-    standard_batch,
-    standard_step,
-    storage_state,
-    tiny_llama,
-)
+from _lora import add_lora, grad_counts, standard_step  # noqa: E402
+from _measure import hook_count, kernel_inputs, storage_state  # noqa: E402
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, N_LINEARS, N_PLAIN, decoder_linears, standard_batch, tiny_llama  # noqa: E402
+from _quantized import UPCAST_IDS, UPCASTS, hqq_tiny, prepare_quietly  # noqa: E402
 from kbitprep import KbitPrepWarning, detect_backend, get_backend, plan, prepare  # noqa: E402
+from kbitprep.backends.hqq import HqqBackend  # noqa: E402
+from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
 # 4 bits, group 64, packed two per byte: (out·in/64/2, 64) uint8, i.e. (out/2, in) when in == 64
 W_Q_SHAPES = {
@@ -63,6 +51,21 @@ class LowRankAdapter(nn.Module):
         out = self.base(x)
         delta = x.to(self.A.dtype) @ self.A @ self.B
         return out + delta.to(out.dtype)
+
+
+# -- the conformance kit (kbitprep.testing) --------------------------------------------------------
+
+
+class TestHqqDirect(BackendConformanceTests):
+    """HQQLinear swapped in by hand, no transformers attribute: found by module type (C15)."""
+
+    backend_cls = HqqBackend
+
+    def make_model(self) -> nn.Module:
+        return hqq_tiny()
+
+
+# -- what is particular to HQQ ---------------------------------------------------------------------
 
 
 def test_hqq_model_is_found_by_layer_type_without_transformers_attributes() -> None:
@@ -201,7 +204,7 @@ def test_model_flagged_hqq_without_hqq_layers_is_prepared_as_unquantized() -> No
     p = plan(model)
     assert p.backend == "none"
     assert "'hqq'" in p.reason and "dequantized" in p.reason
-    assert len(p.casts) == 21 and {c.to_dtype for c in p.casts} == {"torch.float32"}
+    assert len(p.casts) == 21 and {c.to_dtype for c in p.casts} == {torch.float32}
 
 
 def test_hqq_layers_in_another_compute_dtype_are_reported_and_still_run() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import checkpointing_on, transformers_major
+from _models import checkpointing_on, transformers_major
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 pytestmark = pytest.mark.skipif(

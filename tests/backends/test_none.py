@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import checkpointing_on, enable_checkpointing, load, saved_tiny
+from _models import checkpointing_on, enable_checkpointing, load, saved_tiny
 from kbitprep.backends.none import NoQuantBackend
 from kbitprep.testing import BackendConformanceTests
 
@@ -85,7 +85,7 @@ def test_plan_warns_memory_with_the_bytes_the_upcast_adds(model_root: str) -> No
     added = 2 * sum(q.numel() for q in params.values())
 
     p = kbitprep.plan(model)
-    assert len(p.casts) == N_PARAMS and {c.to_dtype for c in p.casts} == {"torch.float32"}
+    assert len(p.casts) == N_PARAMS and {c.to_dtype for c in p.casts} == {torch.float32}
     assert p.bytes_delta == added
     memory = [w for w in p.warnings if isinstance(w, kbitprep.PlanWarning) and w.kind == "memory"]
     assert len(memory) == 1

@@ -10,18 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from _fixtures import (
-    N_LINEARS,
-    N_PLAIN,
-    add_lora,
-    from_pretrained,
-    grad_counts,
-    saved_tiny,
-    standard_batch,
-    standard_step,
-    storage_state,
-    tiny_llama,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import storage_state
+from _models import N_LINEARS, N_PLAIN, from_pretrained, saved_tiny, standard_batch, tiny_llama
 from kbitprep import KbitPrepWarning, detect_backend, get_backend, plan, prepare
 
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is not installed (pip install optimum-quanto==0.2.7)")
@@ -90,7 +81,7 @@ def test_quanto_config_load_is_detected_kept_as_stored_and_trains(
 
     p = plan(model)
     assert (p.backend, p.casts, p.bytes_delta) == ("quanto", (), 0)
-    assert p.compute_dtype == str(dtype)
+    assert p.compute_dtype == dtype
     assert backend.compute_dtype(model) == dtype
 
     prepare(model)
@@ -148,7 +139,7 @@ def test_quanto_own_quantize_freeze_is_found_by_its_layers_and_trains(
     detection = detect_backend(model)
     assert (detection.backend, detection.reason) == ("quanto", "found 14 quanto QLinear modules")
     p = plan(model)
-    assert (p.casts, p.bytes_delta, p.compute_dtype, p.warnings) == ((), 0, "torch.bfloat16", ())
+    assert (p.casts, p.bytes_delta, p.compute_dtype, p.warnings) == ((), 0, torch.bfloat16, ())
     prepare(model)
     assert not any(m.weight.requires_grad for m in _quanto_layers(model))
     loss, counts = _train_and_check(model, torch.bfloat16)
@@ -206,7 +197,7 @@ def test_quanto_upcast_all_casts_only_plain_parameters_and_feeds_layers_their_dt
     model = _load(model_root, "int4", torch.bfloat16)
     p = plan(model, upcast="all")
     assert len(p.casts) == N_PLAIN and {(c.from_dtype, c.to_dtype) for c in p.casts} == {
-        ("torch.bfloat16", "torch.float32")
+        (torch.bfloat16, torch.float32)
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KbitPrepWarning)

@@ -15,10 +15,10 @@ from torch import nn
 
 pytest.importorskip("torchao", reason="torchao is not installed (pip install 'kbitprep[torchao]')")
 
-from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig  # noqa: E402
+from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_  # noqa: E402
 
 import kbitprep  # noqa: E402
-from _fixtures import load, saved_tiny, transformers_major  # noqa: E402
+from _models import load, saved_tiny, tiny_llama, transformers_major  # noqa: E402
 from kbitprep.backends.torchao import TorchAoBackend  # noqa: E402
 from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
@@ -51,6 +51,17 @@ class TestTorchAoInt8WeightOnlyConformance(BackendConformanceTests):
 
     def make_model(self) -> nn.Module:
         return _torchao_int8(self.root)
+
+
+class TestTorchAoDirectQuantize(BackendConformanceTests):
+    """torchao.quantize_ with no transformers attributes: found by the tensor subclasses (C07)."""
+
+    backend_cls = TorchAoBackend
+
+    def make_model(self) -> nn.Module:
+        model = tiny_llama(torch.bfloat16)
+        quantize_(model, Int8WeightOnlyConfig())
+        return model
 
 
 # -- what is particular to torchao -----------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import ENABLE_ADDS_INPUT_GRAD_HOOK, bnb4
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK
+from _quantized import bnb4
 
 TOKEN = 7
 

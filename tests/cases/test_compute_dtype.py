@@ -20,12 +20,15 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, bnb4_config, grad_counts, load, plan_compute_dtype, saved_tiny, standard_step
+from _lora import add_lora, grad_counts, standard_step
 from _matrix import _ids
 from _matrix import _llava_batch as _batch_llava
 from _matrix import _lm_batch as _batch_lm
 from _matrix import _t5_batch as _batch_t5
 from _matrix import _whisper_batch as _batch_whisper
+from _measure import plan_compute_dtype
+from _models import load, saved_tiny
+from _quantized import bnb4_config
 from kbitprep.steps.cast_at_use import spec_of
 
 pytest.importorskip("bitsandbytes")
@@ -73,7 +76,7 @@ def whisper(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
 def llava(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from _fixtures import TINY
+    from _models import TINY
 
     def build() -> nn.Module:
         vision = CLIPVisionConfig(
@@ -139,7 +142,7 @@ def _input_dtype(report: kbitprep.PreparationReport, name: str) -> torch.dtype:
     dtype the plan names for them."""
     for item in report.model_inputs:
         if item.name == name and not item.cast:
-            return getattr(torch, item.dtype.removeprefix("torch."))  # type: ignore[no-any-return]
+            return item.dtype
     return torch.bfloat16
 
 
@@ -170,7 +173,7 @@ def test_t5_keep_low_crosses_the_encoder_decoder_boundary(model_root: str) -> No
     model = t5(model_root)
     report = _prepare(model, keep_in_low_precision=("lm_head", "shared"))
     assert plan_compute_dtype(report, model, "lm_head") == torch.float32
-    assert report.compute_dtype == "torch.bfloat16" and report.activation_dtype == "torch.float32"
+    assert report.compute_dtype == torch.bfloat16 and report.activation_dtype == torch.float32
     peft_model = _lora(model, ["q", "v"])
     peft_model.train()
     out = peft_model(**_batch_t5(torch.bfloat16))
@@ -186,7 +189,7 @@ def test_whisper_default_plan_names_the_entry_module_and_dtype(model_root: str) 
     model = whisper(model_root)
     p = kbitprep.plan(model)
     entry = {i.name: i for i in p.model_inputs}["input_features"]
-    assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", "torch.float32", False)
+    assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", torch.float32, False)
     assert any("'input_features' must now be torch.float32" in w and "model.encoder.conv1" in w for w in p.warnings)
     assert p.precision == ()
     _prepare(model)
@@ -207,7 +210,7 @@ def test_whisper_features_under_a_keep_policy_need_what_they_need_without_it(mod
     model = whisper(model_root)
     report = _prepare(model, **keep)
     entry = {i.name: i for i in report.model_inputs}["input_features"]
-    assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", "torch.float32", False)
+    assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", torch.float32, False)
     assert any("'input_features' must now be torch.float32" in w for w in report.warnings)
     peft_model = _lora(model, ["q_proj", "v_proj"])
     peft_model.train()
@@ -243,12 +246,12 @@ def test_kept_low_modules_compute_in_fp32_and_match_peft_exactly(model_root: str
     peft = _peft_loss(llama(model_root, torch.float32))
     loss, report = _kept_loss(llama(model_root, torch.float32), keep_in_low_precision=("lm_head", "embed_tokens"))
     assert loss == peft
-    assert report.compute_dtype == "torch.float32"
+    assert report.compute_dtype == torch.float32
     rows = {r.name: r for r in report.precision}
     for name in ("model.embed_tokens", "lm_head"):
         assert (rows[name].stored, rows[name].computes, rows[name].upcast_at_use) == (
-            "torch.bfloat16",
-            "torch.float32",
+            torch.bfloat16,
+            torch.float32,
             ("weight",),
         )
     assert report.bytes_delta == 640  # only the five 64-element norms, bf16 -> fp32

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import add_lora, standard_step, tiny_llama, transformers_major
+from _lora import add_lora, standard_step
+from _models import tiny_llama, transformers_major
 
 GPT_OSS = dict(
     vocab_size=1000,

@@ -7,7 +7,9 @@ from typing import Any, ClassVar
 import pytest
 
 import kbitprep
-from _fixtures import CPU_KINDS, bnb4, checkpointing_on, hook_count, model_state, param_bytes
+from _measure import hook_count, model_state, param_bytes
+from _models import checkpointing_on
+from _quantized import CPU_KINDS, bnb4
 
 
 def _prepare(fn: Any, model: Any, *args: Any, **options: Any) -> Any:

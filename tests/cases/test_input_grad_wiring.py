@@ -9,17 +9,10 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    CPU_KINDS,
-    ENABLE_ADDS_INPUT_GRAD_HOOK,
-    TINY,
-    add_lora,
-    bnb4,
-    grad_counts,
-    hook_count,
-    plain,
-    standard_step,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import hook_count
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY
+from _quantized import CPU_KINDS, bnb4, plain
 
 REENTRANT = {"use_reentrant": True}
 

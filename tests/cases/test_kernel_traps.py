@@ -8,21 +8,10 @@ import pytest
 import torch
 
 import kbitprep
-from _fixtures import (
-    CPU_KINDS,
-    add_lora,
-    bnb4,
-    checkpointing_on,
-    grad_counts,
-    hook_count,
-    intx_config,
-    model_state,
-    need,
-    standard_batch,
-    standard_step,
-    torchao_direct,
-    torchao_hf,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import hook_count, model_state
+from _models import checkpointing_on, standard_batch
+from _quantized import CPU_KINDS, bnb4, intx_config, need, torchao_direct, torchao_hf
 
 
 def _linear4bit(model: Any) -> list[Any]:

@@ -9,19 +9,10 @@ import pytest
 import torch
 
 import kbitprep
-from _fixtures import (
-    CPU_KINDS,
-    NORM_NAMES,
-    add_lora,
-    grad_counts,
-    load,
-    need,
-    param_bytes,
-    plan_dtype,
-    saved_tiny,
-    standard_batch,
-    standard_step,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import param_bytes, plan_dtype
+from _models import NORM_NAMES, load, saved_tiny, standard_batch
+from _quantized import CPU_KINDS, need
 
 KEEP_EMBED_AND_HEAD = ("model.embed_tokens", "lm_head")
 
@@ -42,7 +33,7 @@ def test_unquantized_plan_shows_the_upcast_cost_and_changes_nothing(model_root: 
     p = kbitprep.plan(model)
 
     assert len(p.casts) == 21
-    assert all(c.from_dtype == "torch.bfloat16" and c.to_dtype == "torch.float32" for c in p.casts)
+    assert all(c.from_dtype == torch.bfloat16 and c.to_dtype == torch.float32 for c in p.casts)
     assert all(c.bytes_after == 2 * c.bytes_before for c in p.casts)
     assert p.bytes_delta == 420_480
     assert {n: (q.dtype, q.data_ptr(), q.requires_grad) for n, q in model.named_parameters()} == before
@@ -90,7 +81,7 @@ def test_4bit_embeddings_and_lm_head_dominate_the_upcast_cost(model_root: str) -
     (1000, 64), 128,000 → 256,000 bytes each; bytes_delta 256,640; the plan changes nothing.
     prepare then moves the parameters from 297,600 to 554,240 bytes = report.bytes_delta."""
     need("bitsandbytes")
-    from _fixtures import bnb4
+    from _quantized import bnb4
 
     model = bnb4(model_root)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
@@ -116,7 +107,7 @@ def test_keeping_embeddings_and_lm_head_low_costs_640_bytes_and_gives_the_logits
     with peft, which upcasts lm_head): keep changes storage only (issue 16). The standard LoRA
     step gives a finite loss with 8 LoRA grads, 4 lora_B non-zero."""
     need("bitsandbytes")
-    from _fixtures import bnb4
+    from _quantized import bnb4
 
     model = bnb4(model_root)
     report = kbitprep.prepare(model, keep_in_low_precision=KEEP_EMBED_AND_HEAD)
@@ -139,7 +130,8 @@ def test_large_4bit_model_upcast_cost_is_almost_all_vocabulary_matrices(tmp_path
     upcast adds 65,553,408 bytes; keeping embed_tokens and lm_head low leaves 17 casts (the
     norms) and 17,408 bytes."""
     need("bitsandbytes")
-    from _fixtures import bnb4_config, tiny_llama
+    from _models import tiny_llama
+    from _quantized import bnb4_config
 
     path = tmp_path / "large"
     tiny_llama(  # type: ignore[operator]

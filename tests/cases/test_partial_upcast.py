@@ -12,18 +12,10 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    CPU_KINDS,
-    NORM_NAMES,
-    PLAIN_NAMES,
-    add_lora,
-    bnb4,
-    grad_counts,
-    plan_compute_dtype,
-    quantized_tensors,
-    standard_batch,
-    standard_step,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import plan_compute_dtype, quantized_tensors
+from _models import NORM_NAMES, PLAIN_NAMES, standard_batch
+from _quantized import CPU_KINDS, bnb4
 from kbitprep.steps.cast_at_use import spec_of
 
 
@@ -142,13 +134,13 @@ def test_activation_dtypes_follow_the_plan_for_auto_none_and_bf16_target(model_r
     auto = kbitprep.plan(model)
     by_name = {c.name: c for c in auto.casts}
     for name in ("model.norm.weight", "lm_head.weight"):
-        assert (by_name[name].from_dtype, by_name[name].to_dtype) == ("torch.bfloat16", "torch.float32")
+        assert (by_name[name].from_dtype, by_name[name].to_dtype) == (torch.bfloat16, torch.float32)
     text = str(auto)
     for c in auto.casts:
         rows = [line for line in text.splitlines() if c.name in line.split()]
         assert len(rows) == 1, (c.name, text)
         shape = "x".join(str(s) for s in c.shape)
-        assert shape in rows[0] and c.from_dtype in rows[0] and c.to_dtype in rows[0]
+        assert shape in rows[0] and str(c.from_dtype) in rows[0] and str(c.to_dtype) in rows[0]
         assert f"{c.bytes_before:,}" in rows[0] and f"{c.bytes_after:,}" in rows[0]
     json.dumps(auto.to_dict())
     kbitprep.prepare(model)

@@ -9,20 +9,10 @@ import torch
 from torch import nn
 
 import kbitprep
-from _fixtures import (
-    CPU_KINDS,
-    PLAIN_NAMES,
-    add_lora,
-    bnb4_bf16_storage,
-    grad_counts,
-    param_bytes,
-    quantized_tensors,
-    standard_step,
-    storage_record,
-    torchao_direct,
-    torchao_direct_intx,
-    torchao_hf,
-)
+from _lora import add_lora, grad_counts, standard_step
+from _measure import param_bytes, quantized_tensors, storage_record
+from _models import PLAIN_NAMES
+from _quantized import CPU_KINDS, bnb4_bf16_storage, torchao_direct, torchao_direct_intx, torchao_hf
 
 ALWAYS = {"upcast": lambda name, param, module: True}
 POLICIES: dict[str, dict[str, Any]] = {"auto": {}, "all": {"upcast": "all"}, "always-true": ALWAYS}
@@ -157,7 +147,7 @@ def test_any_parameter_subclass_is_storage_and_counted_by_inner_tensors(backend:
     """C07 whole kind: a parameter whose type is not exactly Parameter is treated as quantized
     storage by every strategy (never cast, never unfrozen), even under upcast="all"; bytes
     reported for torchao subclasses come from their inner tensors, not numel x element_size."""
-    from _fixtures import need
+    from _quantized import need
 
     if backend in ("bitsandbytes", "torchao"):
         need(backend)
