@@ -11,6 +11,7 @@ from torch import nn
 from kbitprep._errors import InvalidArgumentError
 from kbitprep._names import keep_patterns
 from kbitprep.steps import checkpoint_transformers as ckpt
+from kbitprep.steps.distributed import DISTRIBUTED_MODES, DistributedMode
 
 __all__ = ["DistributedMode", "PrepareOptions", "UpcastPolicy", "check_options"]
 
@@ -61,14 +62,9 @@ def _check_every_n(value: object) -> int:
     return value
 
 
-DistributedMode: TypeAlias = Literal["auto", "fsdp", "deepspeed"] | None
-
-MODES = ("auto", "fsdp", "deepspeed", None)
-
-
 def _check_distributed(mode: object) -> DistributedMode:
     """Check the ``distributed`` argument (the engines: :mod:`kbitprep.steps.distributed`)."""
-    if mode not in MODES:
+    if mode not in DISTRIBUTED_MODES:
         raise InvalidArgumentError(
             f"distributed must be None (single process, the default), 'fsdp' (the model will be "
             f"sharded with FSDP1 or FSDP2), 'deepspeed' (the model will be given to deepspeed.initialize) "

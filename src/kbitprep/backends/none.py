@@ -46,11 +46,6 @@ class NoQuantBackend(QuantBackend):
     def should_upcast(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         return param.dtype in (torch.float16, torch.bfloat16)  # peft 0.21 casts plain models too
 
-    def wants_gradient_checkpointing(self, model: nn.Module) -> bool:
-        from kbitprep.steps.checkpoint_transformers import is_enabled
-
-        return is_enabled(model)
-
     def check_trainable(self, model: nn.Module) -> None:
         return None
 

@@ -49,8 +49,10 @@ def _mode(
     explain it. ``use_reentrant`` is the caller's (``False`` when not given); a strategy that
     keeps checkpointing as found keeps the model's own unless ``kwargs_given``."""
     strategy, base = ctx.strategy, ctx.base
-    gc = use_gradient_checkpointing and strategy.wants_gradient_checkpointing(base)
     already = ckpt.is_enabled(base)
+    # a strategy that keeps checkpointing as found wants it exactly when the model has it on
+    wanted = already if strategy.keeps_checkpointing_as_found else strategy.wants_gradient_checkpointing(base)
+    gc = use_gradient_checkpointing and wanted
     if gc and not ckpt.supports(base) and not already:
         found.append(
             PlanWarning(

@@ -28,26 +28,35 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import nn
 
 from kbitprep._errors import AdapterWarning, InvalidArgumentError, NotShardableError, PlanWarning
 from kbitprep._hf import adapter_param_ids
-from kbitprep._options import DistributedMode
 from kbitprep._storage import tensor_nbytes
 from kbitprep.backends.base import QuantBackend
 from kbitprep.steps.context import Context, StepPlan
 
 __all__ = [
+    "DISTRIBUTED_MODES",
     "DeepSpeedSetup",
     "DistributedDecision",
+    "DistributedMode",
+    "DistributedPlan",
     "cast_adapters",
     "deepspeed_setup",
     "fsdp_signal",
+    "plan_distributed",
     "resolve",
 ]
+
+
+DistributedMode: TypeAlias = Literal["auto", "fsdp", "deepspeed"] | None
+"""The ``distributed`` option of :func:`kbitprep.plan`: off, detect, or an engine."""
+
+DISTRIBUTED_MODES: tuple[DistributedMode, ...] = ("auto", "fsdp", "deepspeed", None)
 
 
 def fsdp_signal() -> str | None:
