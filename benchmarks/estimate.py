@@ -1,4 +1,4 @@
-"""How close ``kbitprep.estimate`` comes to the measured peak of a training step (issue 18).
+"""How close ``kbitprep.estimate`` comes to the measured peak of a training step.
 
 Part 1, the accuracy matrix: for each tiny architecture (Llama, Qwen2 with tied embeddings,
 Gemma2, a Mixtral-style MoE, T5, a Llava-style VLM) × quantization (bitsandbytes nf4 with fp32

@@ -1,4 +1,4 @@
-"""Per-forward cost of what ``prepare`` installs (issue 16, item 5), on SmolLM2-135M-Instruct nf4.
+"""Per-forward cost of what ``prepare`` installs , on SmolLM2-135M-Instruct nf4.
 
 Usage: ``python benchmarks/overhead.py [--repeats N] [--threads N] [--json PATH]``. It prints the
 numbers; :func:`measure` returns them for ``benchmarks/run.py``.
@@ -16,7 +16,7 @@ thread:
   registered, minus the same call without it: hook dispatch plus the hook itself) plus kbitprep's
   process-wide registration hooks on the layer slice a Llama forward makes (``layers[:n]`` with
   the hooks, minus without);
-- for reference, one walk of the model (what the hook did on every forward before issue 16);
+- for reference, one walk of the model (what the hook once did on every forward);
 - the number of walks during 3 training forwards and a 16-token ``generate()`` (expected 0:
   nothing is registered on the model meanwhile);
 - for information, the 1-token forward with keep against the same model prepared without keep:
@@ -233,7 +233,7 @@ def report(res: dict[str, Any]) -> str:
         f"registration hooks on the layer slice {res['registration_hooks_s'] * 1e6:.2f} us) = "
         f"{res['installed_pct_of_eval_forward']:.4f} % of the eval forward, "
         f"{res['installed_pct_of_train_forward']:.4f} % of the train forward (target <= 0.5 %)",
-        f"one walk of the model (paid on every forward before issue 16): {res['walk_s'] * ms:.3f} ms = "
+        f"one walk of the model (once paid on every forward): {res['walk_s'] * ms:.3f} ms = "
         f"{res['walk_pct_of_eval_forward']:.2f} % of the eval forward",
         "walks by the hook during 3 training forwards and a 16-token generate(): "
         f"{res['walks_by_hook_in_3_train_forwards_and_16_token_generate']}",

@@ -15,7 +15,7 @@ default ``benchmarks/``, the other rows kept in place):
 - ``prepare``: prepare wall time, parameter bytes after prepare and peak RSS during prepare on a
   134.5 M-parameter Llama with SmolLM2-135M's shape in bf16 flagged 4-bit by hand, and on the real
   SmolLM2-135M-Instruct quantized nf4 by bitsandbytes; median of ``--repeats``, interleaved;
-- ``training`` (issue 11's targets): SmolLM2 nf4, fp32 compute, LoRA r=8 on q_proj/v_proj,
+- ``training`` (the speed and memory targets): SmolLM2 nf4, fp32 compute, LoRA r=8 on q_proj/v_proj,
   batch ``--batch-size`` x ``--seq-len`` (4 x 128). Five models in one process (peft, kbitprep
   defaults, kbitprep with ``keep_in_low_precision=("lm_head", "embed_tokens")``, kbitprep with
   ``upcast="none"``, and, as a diagnostic, the keep setting with peft's ``use_reentrant=True``)
@@ -31,13 +31,13 @@ default ``benchmarks/``, the other rows kept in place):
   dependent: peak RSS over a step = peak RSS during a timed step minus RSS just before it (freed
   heap handed back with ``malloc_trim`` first), median over the timed steps. Persistent upcast
   bytes = parameter bytes after prepare minus before;
-- ``checkpointing`` (issue 13): kbitprep's checkpointing options against its all-layer
+- ``checkpointing``: kbitprep's checkpointing options against its all-layer
   checkpointing, interleaved the same way. ``activation_offload=True`` at ``--ckpt-batch-size`` x
   ``--ckpt-seq-len`` (8 x 256), LoRA r=8 q/v on every layer, ``--ckpt-steps`` timed steps; then
   ``checkpoint_every_n_layers=2`` and ``checkpoint_trainable_blocks_only=True`` at the training
   batch with LoRA on the last ``--last-layers`` layers only, ``--steps`` timed steps; memory as in
   ``training`` (one tracked step per model, RSS secondary);
-- ``options`` (issue 16, ``benchmarks/options.py``): keep with bf16 compute (one step of peft,
+- ``options`` (``benchmarks/options.py``): keep with bf16 compute (one step of peft,
   defaults and keep at ``--options-batch-size`` x ``--options-seq-len``: step-1 losses and logits
   dtypes compared bit for bit, persistent upcast bytes), and the live activation bytes a training
   forward leaves for the backward with LoRA on the first, a middle and the last block, for every
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="timed steps per model of the offload comparison after 1 warm-up (then 1 tracked); default 3",
     )
-    parser.add_argument("--options-seq-len", type=int, default=64, help="bf16-compute keep step (issue 16); default 64")
+    parser.add_argument("--options-seq-len", type=int, default=64, help="bf16-compute keep step; default 64")
     parser.add_argument("--options-batch-size", type=int, default=2)
     parser.add_argument("--overhead-repeats", type=int, default=30, help="1-token forwards per overhead timing")
     parser.add_argument("--ckpt-seq-len", type=int, default=256)
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compute-dtype",
         choices=("bfloat16", "float32"),
         default="float32",
-        help="bitsandbytes compute dtype of the nf4 model; default float32 (issue 11's setting)",
+        help="bitsandbytes compute dtype of the nf4 model; default float32 (the targets' setting)",
     )
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts (files written only with --out)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the output files; default benchmarks/")

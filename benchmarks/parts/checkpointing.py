@@ -1,4 +1,4 @@
-"""The ``checkpointing`` part (issue 13): kbitprep's checkpointing options against its all-layer
+"""The ``checkpointing`` part: kbitprep's checkpointing options against its all-layer
 checkpointing, interleaved as in the ``training`` part. ``activation_offload=True`` at
 ``--ckpt-batch-size`` x ``--ckpt-seq-len`` with LoRA on every layer; then
 ``checkpoint_every_n_layers=2`` and ``checkpoint_trainable_blocks_only=True`` at the training batch

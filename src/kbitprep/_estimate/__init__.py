@@ -1,4 +1,4 @@
-"""Predict the peak memory of a QLoRA training step from a config (issue 18).
+"""Predict the peak memory of a QLoRA training step from a config.
 
 :func:`estimate` traces one training step of a meta-device copy of the model with a live-storage
 tracker; :func:`measure_step` measures a real step the same way (used by the tests and the

@@ -200,7 +200,7 @@ def quantization_config(name: str) -> Any:
             load_in_4bit=True,
             bnb_4bit_quant_type=name,
             bnb_4bit_use_double_quant=True,
-            # fp32, not bf16: on CPU a bf16 matmul runs about 4x slower than fp32 (measured for issue 4)
+            # fp32, not bf16: on CPU a bf16 matmul runs about 4x slower than fp32 (measured on this project's CI machine)
             bnb_4bit_compute_dtype=torch.float32,
         )
     from transformers import TorchAoConfig

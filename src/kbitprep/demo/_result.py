@@ -17,7 +17,7 @@ __all__ = ["SUMMARY_KEYS", "DemoOptions", "DemoResult", "LogReporter", "Reporter
 
 logger = logging.getLogger(__name__)
 
-# The JSON summary's keys, in order (issue 4; the two step peaks: issue 18)
+# The JSON summary's keys, in order
 SUMMARY_KEYS = (
     "model",
     "quantization",

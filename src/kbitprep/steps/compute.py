@@ -70,7 +70,7 @@ def _unkept_dtypes(
     """Each castable parameter's dtype after the casts the same call would plan without
     ``keep_in_low_precision``: the dtype a kept parameter computes in.
 
-    DESIGN "The orchestrator": keep changes storage only; a kept module computes in the dtype the
+    Keep changes storage only: a kept module computes in the dtype the
     rest of the plan would have given it (for bitsandbytes under ``upcast="auto"``,
     ``upcast_dtype``, as peft), its weight brought up at use. So every compute-dtype decision
     below is taken on these dtypes, and the stored ones only say what is brought up at use.
@@ -91,7 +91,7 @@ def _unkept_dtypes(
 
 def _model_compute_dtype(ctx: Context, unkept: dict[int, torch.dtype]) -> torch.dtype | None:
     """The quantized layers' compute dtype (``QuantBackend.compute_dtype``), else the dtype the
-    upcast produces, else the model's dtype (DESIGN "The orchestrator"; issue 11)."""
+    upcast produces, else the model's dtype."""
     declared = ctx.strategy.compute_dtype(ctx.base)
     if declared is not None and declared.is_floating_point and not is_storage_dtype(declared):
         return declared
@@ -137,8 +137,8 @@ def _module_rows(
 ) -> Iterator[_Row]:
     """A row for each module with its own plain floats, and (kernel dtype, kernel dtype) for each
     quantized layer with an input dtype. A module computes in its parameters' dtype without
-    keep patterns (``unkept``), or at ``compute`` where that is narrower (issue 11: a module
-    stored below the compute dtype computes at it)."""
+    keep patterns (``unkept``), or at ``compute`` where that is narrower (a module stored
+    below the compute dtype computes at it)."""
     own = _own_plain(ctx)
     holds_storage = {id(e.module) for e in ctx.inventory if e.storage}
     for name, module in ctx.model.named_modules():
@@ -290,15 +290,15 @@ def _check_inputs(
     An input the plan casts itself, or whose first module keeps its dtype, is kept as found. For
     one left to the caller whose first module now holds another dtype than before, the module
     that takes it is dry-run on the meta device (:func:`kbitprep.steps.input_check.dry_run_input`)
-    with the input in its old dtype and in the planned one. Issue 16 ("no warning that is not
-    true for the model at hand"): a warning is given only when the old dtype fails there or
+    with the input in its old dtype and in the planned one. No warning that is not true for the
+    model at hand: a warning is given only when the old dtype fails there or
     makes its first consumer return other dtypes, and the input is dropped from the plan when
     the old dtype works as the planned one (the model converts it, e.g. CLIP's embeddings, or
     its first consumer does, e.g. an RMSNorm). When the dry run cannot decide, the structural
     rule stands: a ``Linear`` / ``Conv`` module cast from the input's old dtype refuses it.
     """
     modules = dict(ctx.model.named_modules())
-    storage = frozenset(id(e.param) for e in ctx.inventory if e.storage)  # never a compute dtype (issue 11)
+    storage = frozenset(id(e.param) for e in ctx.inventory if e.storage)  # never a compute dtype
     found: list[tuple[ModelInput, str | None]] = []
     for item, owner in inputs:
         module = modules[item.module]

@@ -1,8 +1,8 @@
 """Whether a floating model input still works in its old dtype after preparation, decided by a
 dry run on the meta device.
 
-DESIGN "The orchestrator" (no dtype mismatch anywhere, model inputs included) and issue 16's
-invariant "no warning that is not true for the model at hand": a plan that adds no input casts
+Two rules meet here: no dtype mismatch anywhere, model inputs included, and no warning that is
+not true for the model at hand: a plan that adds no input casts
 (peft's policies) leaves a floating input (``inputs_embeds``, ``pixel_values``,
 ``input_features``) to the caller, and a warning that it must now be passed in another dtype
 may be given only when a forward with its old dtype would fail or change the numerics.
