@@ -184,3 +184,35 @@ def test_an_upcast_callable_may_answer_with_a_bool_tensor() -> None:
         warnings.simplefilter("ignore", kbitprep.KbitPrepWarning)
         p = kbitprep.plan(tiny_llama(torch.bfloat16), upcast=lambda n, p, m: p.abs().sum() > 0)
     assert len(p.casts) == 21
+
+
+def test_keep_in_low_precision_is_read_once_so_a_generator_keeps_what_a_tuple_keeps(model_root: str) -> None:
+    """Any iterable of names is read once: a generator keeps exactly what the tuple keeps (5 of
+    the 7 casts of the nf4 Llama are left: embed_tokens and lm_head are not cast), a typo in an
+    iterator is refused with the closest name, and a mapping is refused rather than read as
+    its keys."""
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    names = ("lm_head", "embed_tokens")
+    as_tuple = kbitprep.plan(model, keep_in_low_precision=names)
+    as_generator = kbitprep.plan(model, keep_in_low_precision=(n for n in names))
+    assert len(kbitprep.plan(model).casts) == 7 and len(as_tuple.casts) == 5
+    assert as_generator.to_dict() == as_tuple.to_dict()
+    with pytest.raises(InvalidArgumentError, match="lm_head"):
+        kbitprep.plan(model, keep_in_low_precision=iter(["lm_haed"]))
+    for bad in ({"lm_head": 1}, b"lm_head"):
+        with pytest.raises(InvalidArgumentError, match="keep_in_low_precision must be a sequence"):
+            kbitprep.plan(model, keep_in_low_precision=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_unknown_keywords_are_refused_with_the_known_ones_before_anything_changes(entry: str, model_root: str) -> None:
+    """A misspelt option is an InvalidArgumentError listing every option, the two peft
+    positionals included; ``use_reentrant`` passed at the top level (as transformers'
+    ``gradient_checkpointing_enable`` users write it) says where it goes."""
+    model = load(saved_tiny(model_root), quantization_config=bnb4_config())
+    before = _state(model)
+    with pytest.raises(InvalidArgumentError, match=r"\['upcst'\].*gradient_checkpointing_kwargs.*'upcast'"):
+        ENTRY_POINTS[entry](model, upcst="all")
+    with pytest.raises(InvalidArgumentError, match=r"gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
+        ENTRY_POINTS[entry](model, use_reentrant=False)
+    assert _state(model) == before

@@ -332,6 +332,24 @@ BAD: dict[str, Bad] = {
         kbitprep.InvalidArgumentError,
         ("'yes'", "True or False"),
     ),
+    "gradient_checkpointing_kwargs determinism_check unknown": Bad(
+        _bnb4,
+        lambda m: P(m, gradient_checkpointing_kwargs={"determinism_check": "bogus"}),
+        kbitprep.InvalidArgumentError,
+        ("'bogus'", "'default' or 'none'", "determinism_check"),
+    ),
+    "gradient_checkpointing_kwargs context_fn not callable": Bad(
+        _bnb4,
+        lambda m: P(m, gradient_checkpointing_kwargs={"context_fn": 5}),
+        kbitprep.InvalidArgumentError,
+        ("context_fn", "callable", "got 5"),
+    ),
+    "gradient_checkpointing_kwargs preserve_rng_state not a bool": Bad(
+        _bnb4,
+        lambda m: P(m, gradient_checkpointing_kwargs={"preserve_rng_state": "x"}),
+        kbitprep.InvalidArgumentError,
+        ("preserve_rng_state", "True or False", "'x'"),
+    ),
     "upcast_dtype not a floating dtype": Bad(
         _bnb4, lambda m: P(m, upcast_dtype=torch.int8), kbitprep.InvalidArgumentError, ("torch.int8", "torch.float32")
     ),

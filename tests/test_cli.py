@@ -98,6 +98,18 @@ def test_backends_table_lists_every_backend(capsys: pytest.CaptureFixture[str]) 
     assert "builtin" in out and "priority" in out
 
 
+def test_methods_without_transformers_is_an_error_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only torch is required: the table of transformers' methods without transformers exits 2
+    with the pip command, no traceback."""
+    for name in ("transformers", "transformers.utils", "transformers.utils.quantization_config"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of any of them now fails
+    assert cli.main(["backends", "--methods"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install transformers" in err and "Traceback" not in err
+
+
 def test_backends_json_matches_available_backends(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["backends", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -11,6 +11,7 @@ elements fewer, and the shared parameter must be counted (and cast) once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 from collections.abc import Callable
@@ -408,3 +409,22 @@ def test_a_prepared_model_pickles_whole_and_its_loaded_report_refuses_to_undo() 
         loaded._kbitprep_report.undo()
     model._kbitprep_report.undo()
     assert spec_of(model.lm_head) is None and model.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("what", ["model", "report"])
+def test_a_deep_copy_cannot_undo_and_leaves_the_original_prepared(what: str, model_root: str) -> None:
+    """TRL deep-copies a prepared model as its reference model. The copy's undo steps would point at
+    the original's parameters and modules (deepcopy does not re-point closures), so undo on a
+    copy raises InvalidModelError and changes neither model; the original report still undoes."""
+    model = _load(model_root, "bnb4")
+    before = _state(model)
+    report = kbitprep.prepare_model_for_kbit_training(model)._kbitprep_report  # type: ignore[union-attr]
+    prepared = _state(model)
+    copied = copy.deepcopy(model)._kbitprep_report if what == "model" else copy.deepcopy(report)
+    with pytest.raises(kbitprep.InvalidModelError, match="copied"):
+        copied.undo()
+    after = _state(model)
+    for key in ("params", "hooks", "checkpointing", "use_cache"):
+        assert after[key] == prepared[key], f"undo on a copy changed the original's {key}"
+    report.undo()
+    assert _state(model)["params"] == before["params"]

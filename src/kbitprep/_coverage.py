@@ -75,8 +75,21 @@ class CoverageRow:
 
 
 def installed_methods() -> tuple[str, ...]:
-    """The ``QuantizationMethod`` values of the installed transformers (imports transformers)."""
-    from transformers.utils.quantization_config import QuantizationMethod
+    """The ``QuantizationMethod`` values of the installed transformers (imports transformers).
+
+    Raises:
+        BackendUnavailableError: transformers is not installed (the table lists its methods).
+    """
+    try:
+        from transformers.utils.quantization_config import QuantizationMethod
+    except ImportError as exc:
+        from kbitprep._errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"The table of quantization methods lists those of the installed transformers, which cannot be "
+            f"imported ({exc}). Install it with `pip install transformers`.",
+            install_hint="pip install transformers",
+        ) from exc
 
     return tuple(str(m.value) for m in QuantizationMethod)
 

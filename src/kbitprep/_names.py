@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from kbitprep._errors import InvalidArgumentError
 
-__all__ = ["NameMatch", "covering", "keep_patterns", "match_keep", "match_names"]
+__all__ = ["KeepPatterns", "NameMatch", "covering", "keep_patterns", "match_keep", "match_names"]
 
 _GLOB = frozenset("*?[")
 
@@ -139,13 +139,31 @@ def match_names(
     return found
 
 
-def keep_patterns(keep_in_low_precision: object) -> tuple[tuple[str, ...], bool]:
-    """``keep_in_low_precision`` read as ``(patterns, regex)``: a single string is one regular
-    expression (peft's ``target_modules`` convention), any other iterable a sequence of names.
+@dataclass(frozen=True, slots=True)
+class KeepPatterns:
+    """The ``keep_in_low_precision`` option, read once (a generator is consumed here only).
+
+    Attributes:
+        patterns: Names (globs allowed), or the one regular expression.
+        regex: Whether ``patterns`` is one regular expression (the option was a single string).
+    """
+
+    patterns: tuple[str, ...] = ()
+    regex: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+
+def keep_patterns(keep_in_low_precision: object) -> KeepPatterns:
+    """``keep_in_low_precision`` as the caller passed it, read once: a single string is one
+    regular expression (peft's ``target_modules`` convention), any other iterable (a tuple, a
+    list, a set, a generator) a sequence of names.
 
     Raises:
         InvalidArgumentError: An empty string, a string that does not compile as a regular
-            expression, something not iterable, or an element that is not a non-empty string.
+            expression, a mapping or bytes, something not iterable, or an element that is not a
+            non-empty string.
     """
     if isinstance(keep_in_low_precision, str):
         if not keep_in_low_precision:
@@ -161,7 +179,12 @@ def keep_patterns(keep_in_low_precision: object) -> tuple[tuple[str, ...], bool]
                 f"expression (full-matched against module names, as peft reads target_modules), and it does not "
                 f"compile: {exc}. Pass a sequence such as ({keep_in_low_precision!r},) to match a name instead."
             ) from None
-        return (keep_in_low_precision,), True
+        return KeepPatterns((keep_in_low_precision,), True)
+    if isinstance(keep_in_low_precision, (Mapping, bytes, bytearray)):
+        raise InvalidArgumentError(
+            f"keep_in_low_precision must be a sequence of module names such as ('lm_head',) or one regular "
+            f"expression (str); got a {type(keep_in_low_precision).__name__}: {keep_in_low_precision!r}."
+        )
     try:
         keep: tuple[Any, ...] = tuple(keep_in_low_precision)  # type: ignore[call-overload,arg-type]
     except TypeError:
@@ -174,17 +197,16 @@ def keep_patterns(keep_in_low_precision: object) -> tuple[tuple[str, ...], bool]
             f"keep_in_low_precision must hold non-empty strings (module or parameter names, exact or a dotted "
             f"suffix; globs allowed); got {keep!r}."
         )
-    return keep, False
+    return KeepPatterns(keep, False)
 
 
-def match_keep(model: nn.Module, prefix: str, keep_in_low_precision: object) -> list[NameMatch]:
-    """:func:`match_names` for the ``keep_in_low_precision`` option as the caller passed it.
+def match_keep(model: nn.Module, prefix: str, keep_in_low_precision: KeepPatterns) -> list[NameMatch]:
+    """:func:`match_names` for the ``keep_in_low_precision`` option, read by :func:`keep_patterns`.
 
     Raises:
-        InvalidArgumentError: As :func:`keep_patterns` and :func:`match_names`.
+        InvalidArgumentError: As :func:`match_names`.
     """
-    patterns, regex = keep_patterns(keep_in_low_precision)
-    return match_names(model, prefix, patterns, regex=regex)
+    return match_names(model, prefix, keep_in_low_precision.patterns, regex=keep_in_low_precision.regex)
 
 
 def _closest(pattern: str, names: Iterable[str]) -> list[str]:

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError
-from kbitprep._names import keep_patterns
 from kbitprep.steps import checkpoint_transformers as ckpt
 from kbitprep.steps.distributed import DISTRIBUTED_MODES, DistributedMode
 
@@ -79,14 +78,14 @@ def check_options(
     backend: object,
     upcast: object,
     upcast_dtype: object,
-    keep_in_low_precision: object,
     distributed: object,
     activation_offload: object,
     checkpoint_every_n_layers: object,
     checkpoint_trainable_blocks_only: object,
 ) -> None:
-    """Check the form of every option before any step reads one; each step reads the options it
-    needs as :func:`kbitprep.plan` received them.
+    """Check the form of every option but ``keep_in_low_precision`` (read once by
+    :func:`kbitprep._names.keep_patterns`) before any step reads one; each step reads the options
+    it needs as :func:`kbitprep.plan` received them.
 
     Raises:
         InvalidArgumentError: An option has the wrong type or value; the message names it, what
@@ -97,7 +96,6 @@ def check_options(
     if not isinstance(backend, str):
         raise InvalidArgumentError(f"backend must be 'auto' or a backend name (str); got {backend!r}.")
     _check_upcast(upcast, upcast_dtype)
-    keep_patterns(keep_in_low_precision)
     _check_distributed(distributed)
     _check_flag("activation_offload", activation_offload)
     _check_every_n(checkpoint_every_n_layers)

@@ -245,24 +245,32 @@ class UndoLog:
         return {"_entries": [], "_stack": None, "_unpickled": True, "trainable_casts": casts}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UndoLog:
+        """A copy that cannot undo: its entries close over the original model's parameters and
+        modules, which ``copy.deepcopy`` does not re-point at a copied model (TRL copies a prepared
+        model as its reference model), so undoing through it would change the original. The
+        record (``trainable_casts``) is copied; :meth:`undo` on the copy says so and changes
+        nothing."""
         new = UndoLog.__new__(UndoLog)
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        casts = copy.deepcopy(list(self.__dict__.get("trainable_casts", ())), memo)
+        new.__dict__.update({"_entries": [], "_stack": None, "_copied": True, "trainable_casts": casts})
         return new
 
     def undo(self) -> None:
         """Revert this log (after every later log on the same model).
 
         Raises:
-            InvalidModelError: The log was loaded back from a pickle; only the report
-                ``prepare`` returned for the live model can undo it.
+            InvalidModelError: The log was loaded back from a pickle or deep-copied; only the
+                report ``prepare`` returned for the live model can undo it.
         """
-        if self.__dict__.get("_unpickled"):
+        if self.__dict__.get("_unpickled") or self.__dict__.get("_copied"):
             from kbitprep._errors import InvalidModelError
 
+            how = "loaded back from a pickle" if self.__dict__.get("_unpickled") else "copied (copy.deepcopy)"
             raise InvalidModelError(
-                "This report was loaded back from a pickle, which cannot carry how to undo the changes to the "
-                "model it came from. Call undo() on the report prepare() returned, in the process that prepared "
-                "the model, or load the model as it was before prepare."
+                f"This report was {how}, which cannot carry how to undo the changes to the model it came from "
+                "(its undo steps point at the original model's parameters and modules). Call undo() on the "
+                "report prepare() returned for that model, or load the model as it was before prepare; nothing "
+                "was changed."
             )
         stack = self._stack
         if stack is not None and self in stack:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError, InvalidModelError
+from kbitprep._names import keep_patterns
 from kbitprep._options import DistributedMode, PrepareOptions, UpcastPolicy, check_options
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, PreparationReport
 from kbitprep.steps.cast import plan_casts
@@ -105,7 +106,7 @@ def plan(
             ``(name, param, module) -> bool``.
         upcast_dtype: Floating dtype to upcast to. Default ``torch.float32``, as peft 0.21.
         keep_in_low_precision: Modules never cast, named as peft names ``target_modules``: a
-            sequence of names, each matching a module by its exact name or a dotted suffix
+            sequence (any iterable, read once) of names, each matching a module by its exact name or a dotted suffix
             (``("lm_head", "embed_tokens")``, ``("vision_tower",)``, ``("model.layers.0",)``)
             and covering everything under it, or a parameter the same way
             (``"model.norm.weight"``); a name with ``*``, ``?`` or ``[`` is an fnmatch glob over
@@ -115,9 +116,11 @@ def plan(
             given them without keep (as peft 0.21 for bitsandbytes: ``upcast_dtype``), their
             weight brought up at use and never stored, so logits, losses and gradients are
             those of the call without keep.
-        distributed: ``None`` (single process, as peft), an engine (``"fsdp"``, see
-            docs/distributed.md) or ``"auto"`` (on when a sharded run is detected). Every
-            floating parameter ends in one dtype (``shard_dtype``) and nothing is upcast.
+        distributed: ``None`` (single process, as peft), an engine (``"fsdp"`` or
+            ``"deepspeed"``, see docs/distributed.md) or ``"auto"`` (on when a sharded run is
+            detected). Under FSDP, and DeepSpeed with bf16 or fp16, every floating parameter
+            ends in one dtype (``shard_dtype``) and nothing is upcast; DeepSpeed without either
+            keeps dtypes, so the backend's upcast applies (``shard_dtype`` is ``None``).
         activation_offload: Keep checkpointed activations in host memory (transformers 5.24
             ``activation_checkpointing_enable(offload=True)``).
         checkpoint_every_n_layers: Checkpoint every n-th block only (transformers 5.24); the
@@ -142,9 +145,14 @@ def plan(
         NotShardableError: The distributed engine cannot shard the quantized storage.
     """
     if unknown:
-        raise InvalidArgumentError(
-            f"Unknown option(s) {sorted(unknown)}; plan/prepare take {sorted(PrepareOptions.__annotations__)}."
+        known = ["use_gradient_checkpointing", "gradient_checkpointing_kwargs", *sorted(PrepareOptions.__annotations__)]
+        hint = (
+            " use_reentrant goes inside gradient_checkpointing_kwargs: gradient_checkpointing_kwargs="
+            f"{{'use_reentrant': {unknown['use_reentrant']!r}}}."
+            if "use_reentrant" in unknown
+            else ""
         )
+        raise InvalidArgumentError(f"Unknown option(s) {sorted(unknown)}; plan/prepare take {known}.{hint}")
     # positional, in the order of the signatures they fill: each option reaches the step that reads it
     check_options(
         use_gradient_checkpointing,
@@ -152,17 +160,17 @@ def plan(
         backend,
         upcast,
         upcast_dtype,
-        keep_in_low_precision,
         distributed,
         activation_offload,
         checkpoint_every_n_layers,
         checkpoint_trainable_blocks_only,
     )
+    keep = keep_patterns(keep_in_low_precision)  # read once: a generator is consumed here
     resolved, ctx = plan_backend(_validate_model(model), backend)
     engine = plan_distributed(ctx, distributed, upcast)
     able = plan_trainability(ctx)
-    casts = plan_casts(ctx, engine.decision, keep_in_low_precision, upcast, upcast_dtype, backend, able.fixup_bytes)
-    precision = plan_compute(ctx, casts.casts, engine.decision, keep_in_low_precision, upcast, upcast_dtype)
+    casts = plan_casts(ctx, engine.decision, keep, upcast, upcast_dtype, backend, able.fixup_bytes)
+    precision = plan_compute(ctx, casts.casts, engine.decision, keep, upcast, upcast_dtype)
     checkpointing = plan_checkpointing(
         ctx,
         engine.decision,

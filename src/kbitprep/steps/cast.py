@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError, PlanWarning
-from kbitprep._names import covering, match_keep
+from kbitprep._names import KeepPatterns, covering, match_keep
 from kbitprep._plan import CastItem, PreparationPlan, UndoLog
 from kbitprep._storage import tensor_nbytes
 from kbitprep.steps.context import Context, ParamEntry, StepPlan, bits, nbytes_as
@@ -88,7 +88,7 @@ def _ask_policy(
 def plan_casts(
     ctx: Context,
     engine: DistributedDecision,
-    keep_in_low_precision: object,
+    keep_in_low_precision: KeepPatterns,
     upcast: object,
     upcast_dtype: torch.dtype,
     backend: str,

@@ -50,6 +50,17 @@ CHECKPOINT_KWARGS = frozenset(
     {"use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop"}
 )
 
+# what torch 2.13's torch.utils.checkpoint.checkpoint accepts for each keyword (its signature and
+# _allowed_determinism_checks_to_fns), checked while planning rather than at the first forward
+_CHECKPOINT_VALUES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "use_reentrant": (lambda v: isinstance(v, bool), "True or False"),
+    "preserve_rng_state": (lambda v: isinstance(v, bool), "True or False"),
+    "debug": (lambda v: isinstance(v, bool), "True or False"),
+    "early_stop": (lambda v: isinstance(v, bool), "True or False"),
+    "determinism_check": (lambda v: v in ("default", "none"), "'default' or 'none'"),
+    "context_fn": (callable, "a callable returning two context managers"),
+}
+
 # names transformers (enable_input_require_grads) and peft (prepare_model_for_kbit_training)
 # give their input-grad hooks; a module carrying one of these needs no second one
 _FOREIGN_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
@@ -70,7 +81,8 @@ def resolve_kwargs(kwargs: object) -> dict[str, Any]:
         reentrant).
 
     Raises:
-        InvalidArgumentError: Not a mapping, an unknown key, or ``use_reentrant`` not a bool.
+        InvalidArgumentError: Not a mapping, an unknown key, or a value torch would refuse (a
+            ``use_reentrant`` that is not a bool, an unknown ``determinism_check``, ...).
     """
     if kwargs is None:
         kwargs = {}
@@ -87,11 +99,14 @@ def resolve_kwargs(kwargs: object) -> dict[str, Any]:
         )
     out = dict(kwargs)
     reentrant = out.get("use_reentrant", False)
-    if not isinstance(reentrant, bool):
-        raise InvalidArgumentError(
-            f"gradient_checkpointing_kwargs['use_reentrant'] must be True or False; got {reentrant!r}."
-        )
     out["use_reentrant"] = reentrant
+    for key, value in out.items():
+        expected = _CHECKPOINT_VALUES[key]
+        if not expected[0](value):
+            raise InvalidArgumentError(
+                f"gradient_checkpointing_kwargs[{key!r}] must be {expected[1]} (torch.utils.checkpoint.checkpoint "
+                f"takes it so); got {value!r}. It would fail only at the first checkpointed forward."
+            )
     return out
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from kbitprep._errors import PlanWarning
-from kbitprep._names import covering, match_keep
+from kbitprep._names import KeepPatterns, covering, match_keep
 from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, UndoLog
 from kbitprep._storage import is_storage_dtype, tensor_nbytes
 from kbitprep.steps.cast import target_dtype
@@ -63,7 +63,7 @@ def _unkept_dtypes(
     ctx: Context,
     final: dict[int, torch.dtype],
     engine: DistributedDecision,
-    keep_in_low_precision: object,
+    keep_in_low_precision: KeepPatterns,
     upcast: object,
     upcast_dtype: torch.dtype,
 ) -> dict[int, torch.dtype]:
@@ -173,7 +173,7 @@ def plan_compute(
     ctx: Context,
     casts: tuple[CastItem, ...],
     engine: DistributedDecision,
-    keep_in_low_precision: object,
+    keep_in_low_precision: KeepPatterns,
     upcast: object,
     upcast_dtype: torch.dtype,
 ) -> ComputePlan:
