@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -32,6 +32,7 @@ from kbitprep import (
     QuantBackend,
     UnknownBackendError,
 )
+from kbitprep.backends.base import count_reason, found_reason, modules_of_type
 
 GOOD_DIST = "kbitprep-goodplugin"
 BROKEN_DIST = "kbitprep-brokenplugin"
@@ -181,12 +182,12 @@ def test_contract_is_the_questions_the_orchestrator_asks(clean_registry: None) -
     from kbitprep import register_backend
 
     assert QuantBackend.CONTRACT == (
-        "detect", "is_quantized_param", "find_storage", "should_upcast", "wants_gradient_checkpointing",
-        "check_trainable", "before_training", "fixup_bytes", "compute_dtype", "input_dtype", "plan_warnings",
-        "shardable",
+        "detect", "find_layers", "is_quantized_param", "find_storage", "should_upcast",
+        "wants_gradient_checkpointing", "check_trainable", "before_training", "fixup_bytes", "compute_dtype",
+        "input_dtype", "plan_warnings", "shardable",
     )  # fmt: skip
     public = {n for n in vars(QuantBackend) if not n.startswith("_") and callable(getattr(QuantBackend, n))}
-    assert public - set(QuantBackend.CONTRACT) == {"trainable", "require", "missing_requirements"}
+    assert public - set(QuantBackend.CONTRACT) == {"trainable", "is_layer", "require", "missing_requirements"}
 
     class OwnHelper(QuantBackend):
         name = "own-helper-test"
@@ -211,6 +212,125 @@ def test_contract_is_the_questions_the_orchestrator_asks(clean_registry: None) -
 
     with pytest.raises(kbitprep.InvalidArgumentError, match="plan_warnings takes"):
         register_backend(WrongQuestion)
+
+
+# -- the layer hook and the defaults built on it --------------------------------------------
+
+
+class _PackedLinear(nn.Linear):
+    """A stand-in quantized layer: a float ``scale`` beside its weight, computing in ``act_dtype``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+        self.scale = nn.Parameter(torch.ones(width, dtype=torch.float16))
+        self.act_dtype = torch.bfloat16
+
+
+class _OtherPackedLinear(_PackedLinear):
+    pass
+
+
+class _Layered(QuantBackend):
+    """Declares only what the defaults read: no detect, is_quantized_param or input_dtype."""
+
+    name: ClassVar[str] = "layered-test"
+    quant_methods: ClassVar[frozenset[str]] = frozenset({"layeredquant"})
+    storage_names: ClassVar[frozenset[str]] = frozenset({"weight", "scale"})
+    input_dtype_attr: ClassVar[str] = "act_dtype"
+    layer_label: ClassVar[str] = "Layered {cls}"
+
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        return modules_of_type(model, (_PackedLinear,))
+
+
+def _layered_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Embedding(10, 8), _PackedLinear(8), _OtherPackedLinear(8), _PackedLinear(8), nn.Linear(8, 8)
+    )
+
+
+def test_default_detect_reads_quant_methods_then_the_found_layers() -> None:
+    """The three tiers of the default detect; the layer count names each class once after one
+    "found", as awq, bitnet and quanto always did (bitsandbytes, fp8 and gptq repeated "found")."""
+    backend, model = _Layered(), _layered_model()
+    assert backend.detect(model) == "found 1 Layered _OtherPackedLinear module, 2 Layered _PackedLinear modules"
+    model.quantization_method = "layeredquant"  # type: ignore[assignment]
+    assert backend.detect(model) == "model.quantization_method is 'layeredquant'"
+    model.config = type("Config", (), {"quantization_config": {"quant_method": "LayeredQuant"}})()  # type: ignore[assignment]
+    assert backend.detect(model) == "model.config.quantization_config['quant_method'] is 'layeredquant'"
+    assert backend.detect(nn.Sequential(nn.Linear(8, 8))) is None
+    assert found_reason(["EetqLinear"] * 14) == count_reason(14, "EetqLinear") == "found 14 EetqLinear modules"
+    assert found_reason(["b", "a", "b"], noun="weight") == "found 1 a weight, 2 b weights"
+    assert found_reason([]) is None
+
+
+def test_storage_names_and_input_dtype_attr_apply_to_found_layers_only(clean_registry: None) -> None:
+    backend, model = _Layered(), _layered_model()
+    layer, plain = model[1], model[4]
+    assert backend.is_layer(layer) and backend.is_layer(model[2]) and not backend.is_layer(plain)
+    assert not backend.is_layer(model)  # a model holding layers is not one
+    assert backend.is_quantized_param("1.scale", layer.scale, layer)
+    assert backend.is_quantized_param("1.weight", layer.weight, layer)
+    assert not backend.is_quantized_param("1.bias", layer.bias, layer)
+    assert not backend.is_quantized_param("4.weight", plain.weight, plain)
+    assert backend.input_dtype(layer) == torch.bfloat16 and backend.input_dtype(plain) is None
+    assert backend.compute_dtype(model) == torch.bfloat16
+    layer.act_dtype = layer.scale  # a floating tensor gives its dtype
+    assert backend.input_dtype(layer) == torch.float16
+    kbitprep.register_backend(_Layered)
+    p = kbitprep.plan(model.to(torch.bfloat16), backend="layered-test", upcast="all", use_gradient_checkpointing=False)
+    cast = {c.name for c in p.casts}
+    assert "4.weight" in cast and not any(
+        n.startswith(("1.", "2.", "3.")) and n.endswith(("weight", "scale")) for n in cast
+    )
+
+
+class _NeitherMethodsNorLayers(QuantBackend):
+    name: ClassVar[str] = "neither-test"
+    storage_names: ClassVar[frozenset[str]] = frozenset({"scale"})
+
+
+class _MethodsOnly(QuantBackend):
+    name: ClassVar[str] = "methods-only-test"
+    quant_methods: ClassVar[frozenset[str]] = frozenset({"methodsonly"})
+
+
+class _LayersOnly(QuantBackend):
+    name: ClassVar[str] = "layers-only-test"
+
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        return modules_of_type(model, (_PackedLinear,))
+
+
+def test_registry_refuses_a_class_the_default_detect_cannot_serve(clean_registry: None) -> None:
+    """detect is no longer abstract: a class with neither its own detect, nor quant_methods, nor
+    find_layers could claim nothing and is refused as before; either declaration is enough."""
+    with pytest.raises(kbitprep.InvalidArgumentError, match=r"does not implement detect\(\) and declares neither"):
+        kbitprep.register_backend(_NeitherMethodsNorLayers)
+    kbitprep.register_backend(_MethodsOnly)
+    kbitprep.register_backend(_LayersOnly)
+    assert (
+        kbitprep.get_backend("layers-only-test").detect(_layered_model())
+        == "found 1 _OtherPackedLinear module, 2 _PackedLinear modules"
+    )
+
+
+@pytest.mark.parametrize(
+    ("attr", "value", "message"),
+    [
+        ("quant_methods", "gptq", "quant_methods must be a frozenset of non-empty strings"),
+        ("quant_methods", frozenset({"GPTQ"}), "compared in lower case"),
+        ("storage_names", ("weight",), "storage_names must be a frozenset"),
+        ("input_dtype_attr", None, "input_dtype_attr must be a string"),
+        ("layer_label", 3, "layer_label must be a string"),
+    ],
+)
+def test_registry_refuses_declarations_of_the_wrong_type(
+    attr: str, value: object, message: str, clean_registry: None
+) -> None:
+    cls = type("BadDeclaration", (_MethodsOnly,), {"name": "bad-declaration-test", attr: value})
+    with pytest.raises(kbitprep.InvalidArgumentError, match=message):
+        kbitprep.register_backend(cls)
 
 
 def test_unquantized_behaviour_is_declared_by_capabilities(clean_registry: None) -> None:

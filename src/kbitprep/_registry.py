@@ -186,10 +186,13 @@ _registry = _Registry()
 def _check_class(cls: object) -> None:
     """Refuse a backend class that the registry could not use, before it is registered.
 
-    Checked: a :class:`QuantBackend` subclass with a ``name``, no abstract method left (``detect``
-    in particular), ``requires`` a tuple of strings, instantiable as ``cls()``, and every method of
-    the ``QuantBackend`` contract it overrides callable with the arguments kbitprep passes. A
-    plugin entry point naming a refused class is listed as ``broken: <reason>``.
+    Checked: a :class:`QuantBackend` subclass with a ``name``; ``quant_methods``,
+    ``storage_names``, ``input_dtype_attr`` and ``layer_label`` of the types the default
+    questions read; a way to claim a model (its own ``detect``, or ``quant_methods`` or
+    ``find_layers`` for the default one); no abstract method left; ``requires`` a tuple of
+    strings; instantiable as ``cls()``; and every method of the ``QuantBackend`` contract it
+    overrides callable with the arguments kbitprep passes. A plugin entry point naming a refused
+    class is listed as ``broken: <reason>``.
 
     Raises:
         InvalidArgumentError: One of those does not hold; the message says what was found, what
@@ -203,13 +206,17 @@ def _check_class(cls: object) -> None:
     where = f"{cls.__module__}.{cls.__qualname__}"
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise InvalidArgumentError(f'Backend class {where} has no `name`; set the class attribute `name = "..."`.')
-    abstract = sorted(getattr(cls, "__abstractmethods__", ()))
-    if "detect" in abstract:
+    _check_declared(where, cls)
+    if cls.detect is QuantBackend.detect and cls.find_layers is QuantBackend.find_layers and not cls.quant_methods:
         raise InvalidArgumentError(
-            f"Backend class {where} does not implement detect(); it is abstract on QuantBackend. Every backend "
-            "must define `def detect(self, model) -> str | None`, returning a one-line reason when it "
-            "quantized the model and None otherwise."
+            f"Backend class {where} does not implement detect() and declares neither `quant_methods` nor "
+            "`find_layers`, so the default detect could never claim a model. Define "
+            "`def detect(self, model) -> str | None`, returning a one-line reason when it quantized the model "
+            "and None otherwise, or declare what the default detect reads: "
+            '`quant_methods = frozenset({"mymethod"})` (the transformers quant_method) and '
+            "`def find_layers(self, model)` yielding (name, module) for each quantized layer."
         )
+    abstract = sorted(getattr(cls, "__abstractmethods__", ()))
     if abstract:
         raise InvalidArgumentError(
             f"Backend class {where} cannot be instantiated: its abstract method(s) {', '.join(abstract)} are "
@@ -229,6 +236,30 @@ def _check_class(cls: object) -> None:
             "defer anything that may fail (a library import, a device query) to the method that needs it."
         ) from exc
     _check_hooks(where, cls, instance)
+
+
+def _check_declared(where: str, cls: type[QuantBackend]) -> None:
+    """What the default questions read from the class has the type they expect: a string in
+    place of a set would make ``"gptq" in "autogptq"`` a match."""
+    for attr in ("quant_methods", "storage_names"):
+        value = getattr(cls, attr, None)
+        if not isinstance(value, (frozenset, set)) or not all(isinstance(v, str) and v for v in value):
+            raise InvalidArgumentError(
+                f"Backend class {where}.{attr} must be a frozenset of non-empty strings; got {value!r}. "
+                f'Set `{attr} = frozenset({{"..."}})`, or leave it out for none.'
+            )
+    upper = sorted(m for m in cls.quant_methods if m != m.lower())
+    if upper:
+        raise InvalidArgumentError(
+            f"Backend class {where}.quant_methods holds {', '.join(repr(m) for m in upper)}; transformers' "
+            "quant_method names are compared in lower case, so these could never match. Write them in lower case."
+        )
+    for attr in ("input_dtype_attr", "layer_label"):
+        value = getattr(cls, attr, None)
+        if not isinstance(value, str):
+            raise InvalidArgumentError(
+                f"Backend class {where}.{attr} must be a string; got {value!r}. Set it to a string, or leave it out."
+            )
 
 
 @functools.cache
@@ -330,7 +361,7 @@ def get_backend(name: str) -> QuantBackend:
     A missing library does not stop this: a strategy needs its library only for the fix-ups
     that call it, and raises :class:`~kbitprep.BackendUnavailableError` from there
     (:meth:`QuantBackend.require`). A GPTQ model whose layers come from another kernel library
-    is prepared on a machine without gptqmodel (issue 12).
+    is prepared on a machine without gptqmodel.
 
     Raises:
         UnknownBackendError: No backend has that name; the message lists the known names.
@@ -455,8 +486,8 @@ def _unquantized_name() -> str:
 def _label_without_storage(model: nn.Module, name: str) -> str | None:
     """The ``none`` verdict's reason when a quantization label has no storage behind it.
 
-    The quantizer, ``quantization_config`` and legacy attributes are evidence, not the verdict
-    (issue 12): transformers keeps ``hf_quantizer`` and the config on a model it
+    The quantizer, ``quantization_config`` and legacy attributes are evidence, not the verdict:
+    transformers keeps ``hf_quantizer`` and the config on a model it
     loaded dequantized (``Mxfp4Config(dequantize=True)``; an FP8 checkpoint on a CPU), whose
     parameters are all ordinary floats. Asks the claiming strategy's ``find_storage``.
     """

@@ -15,7 +15,9 @@ quantized by it. Every check then runs against that backend::
 The checks come in groups, one mixin each; :class:`BackendConformanceTests` combines them all:
 
 - :class:`DetectionTests` (``skip_detection``): the backend is registered (entry point or
-  :func:`kbitprep.register_backend`) and :func:`kbitprep.detect_backend` picks it for the model;
+  :func:`kbitprep.register_backend`) and :func:`kbitprep.detect_backend` picks it for the model,
+  through its own ``detect`` or the default one, which reads the backend's ``quant_methods`` and
+  the layers its :meth:`~kbitprep.QuantBackend.find_layers` yields;
 - :class:`StorageTests` (``skip_storage``): quantized storage (parameters the backend calls
   storage, and integer buffers) is never cast, never made trainable and keeps its bytes, under
   ``upcast="auto"``, ``"all"`` and a callable that says yes to everything;
@@ -449,7 +451,11 @@ class ConformanceBase:
 class DetectionTests(ConformanceBase):
     """Detection: the backend is registered, and :func:`kbitprep.detect_backend` picks it.
 
-    Opt out with ``skip_detection = "<reason>"``.
+    A backend that keeps the default :meth:`~kbitprep.QuantBackend.detect` is checked the same
+    way: the model's quantizer, config or legacy attributes must name one of its
+    ``quant_methods``, or :meth:`~kbitprep.QuantBackend.find_layers` must find its layers. (The
+    registry already refuses a backend with neither and no ``detect`` of its own.) Opt out with
+    ``skip_detection = "<reason>"``.
     """
 
     @_group("detection")
@@ -469,7 +475,13 @@ class DetectionTests(ConformanceBase):
         """``detect()`` claims the model and :func:`kbitprep.detect_backend` chooses this backend."""
         model = self.make_model()
         reason = self.backend.detect(model)
-        assert reason, f"{self.backend_cls.__name__}.detect() did not claim the model"
+        hint = ""
+        if self.backend_cls.detect is QuantBackend.detect:
+            hint = (
+                " (the default detect: no quantizer, config or legacy attribute names one of its "
+                f"quant_methods {sorted(self.backend_cls.quant_methods)}, and find_layers found no layer)"
+            )
+        assert reason, f"{self.backend_cls.__name__}.detect() did not claim the model{hint}"
         detection = detect_backend(model)
         assert detection.backend == self.backend_cls.name, (
             f"detect_backend chose {detection.backend!r} ({detection.reason}), not {self.backend_cls.name!r}"

@@ -149,3 +149,11 @@ def test_upcast_none_casts_nothing_and_still_freezes(model_root: str) -> None:
     assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
     assert sum(_nbytes(p) for p in model.parameters()) == bytes_before
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_layers_of_both_kinds_are_counted_after_one_found() -> None:
+    """Without a quantizer, config or legacy attribute, the reason counts each layer class,
+    sorted, after one "found" (the default detect; before it, each class repeated "found")."""
+    model = nn.Sequential(bnb.nn.Linear4bit(8, 8), bnb.nn.Linear8bitLt(8, 8), bnb.nn.Linear4bit(8, 8))
+    assert BitsAndBytesBackend().detect(model) == "found 2 Linear4bit modules, 1 Linear8bitLt module"
+    assert kbitprep.detect_backend(model).backend == "bitsandbytes"

@@ -125,6 +125,23 @@ def test_detected_in_every_tier(label: Any) -> None:
     assert expected in detection.reason
 
 
+class _RawFp8(nn.Module):
+    """A module of another class holding a float8 ``weight`` beside its ``weight_scale_inv``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.weight_scale_inv = layer.weight, layer.weight_scale_inv
+
+
+def test_layers_of_several_classes_are_counted_after_one_found() -> None:
+    """The reason counts each class, sorted, after one "found" (the default detect; before it,
+    each class repeated "found")."""
+    model = fp8_llama()
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, FP8Linear))
+    model.set_submodule(name, _RawFp8(layer))
+    assert Fp8Backend().detect(model) == "found 13 FP8Linear modules, 1 _RawFp8 module"
+
+
 def test_label_without_fp8_storage_is_unquantized() -> None:
     """The same label on the plain model: no storage behind it, so `none` (C19)."""
     model = tiny_llama()

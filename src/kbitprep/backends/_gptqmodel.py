@@ -10,11 +10,12 @@ from torch import nn
 
 from kbitprep.backends.base import UndoFn, loaded_module
 
-__all__ = ["TRAIN", "base_classes", "pin_train_mode"]
+__all__ = ["INFERENCE", "TRAIN", "base_classes", "latched_layers", "pin_train_mode"]
 
 logger = logging.getLogger(__name__)
 
 TRAIN = "train"
+INFERENCE = "inference"  # gptqmodel's LinearMode is a str Enum: LinearMode.INFERENCE == "inference"
 
 
 def base_classes() -> tuple[type, ...]:
@@ -23,6 +24,14 @@ def base_classes() -> tuple[type, ...]:
     qlinear = loaded_module("gptqmodel.nn_modules.qlinear")
     base = getattr(qlinear, "BaseQuantLinear", None) if qlinear is not None else None
     return (base,) if isinstance(base, type) else ()
+
+
+def latched_layers(layers: Iterable[tuple[str, nn.Module]]) -> tuple[list[str], int]:
+    """The names of the layers an eval-mode no-grad forward already latched into
+    ``linear_mode="inference"``, and how many of ``layers`` have a ``linear_mode`` at all."""
+    found = list(layers)
+    latched = [n for n, m in found if getattr(m, "linear_mode", None) == INFERENCE]
+    return latched, sum(1 for _n, m in found if hasattr(m, "linear_mode"))
 
 
 def pin_train_mode(layers: Iterable[nn.Module], label: str) -> UndoFn | None:

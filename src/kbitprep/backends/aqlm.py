@@ -9,7 +9,7 @@ transformers 5.24, so a dtype rule would both cast and train them. They are stor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -20,17 +20,12 @@ from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     config_quant_method,
-    detect_in_tiers,
-    layer_counter,
     legacy_quant_method,
     loaded_module,
     modules_of_type,
 )
 
 __all__ = ["AqlmBackend"]
-
-STORAGE_NAMES = frozenset({"codes", "codebooks", "scales"})
-"""Names of an AQLM layer's quantized parameters (aqlm 1.1.7 ``QuantizedLinear``)."""
 
 
 def _layer_classes() -> tuple[type, ...]:
@@ -107,25 +102,16 @@ class AqlmBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "AQLM QuantizedLinear"))
+    storage_names: ClassVar[frozenset[str]] = frozenset({"codes", "codebooks", "scales"})
+    """A ``QuantizedLinear``'s quantized parameters (aqlm 1.1.7), whatever their dtype; its
+    ``bias`` is not storage."""
+    input_dtype_attr: ClassVar[str] = "codebooks"
+    """The codebooks' dtype is the dtype the AQLM kernels compute in."""
+    layer_label: ClassVar[str] = "AQLM QuantizedLinear"
 
-    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        """``codes``, ``codebooks`` and ``scales`` of a ``QuantizedLinear`` (whatever their dtype);
-        otherwise the default (integer dtype or tensor subclass). A layer's ``bias`` is not storage."""
-        classes = _layer_classes()
-        if classes and isinstance(module, classes) and name.rpartition(".")[2] in STORAGE_NAMES:
-            return True
-        return super().is_quantized_param(name, param, module)
-
-    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """The codebooks' dtype for a ``QuantizedLinear`` (the dtype its kernels compute in)."""
-        classes = _layer_classes()
-        if classes and isinstance(module, classes):
-            codebooks = getattr(module, "codebooks", None)
-            if isinstance(codebooks, torch.Tensor) and codebooks.is_floating_point():
-                return codebooks.dtype
-        return None
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """aqlm's ``QuantizedLinear``."""
+        return modules_of_type(model, _layer_classes())
 
     def check_trainable(self, model: nn.Module) -> None:
         """Refuse AQLM layers whose kernel on their device has no backward.
@@ -137,7 +123,7 @@ class AqlmBackend(QuantBackend):
                 ``is_trainable`` False.
         """
         super().check_trainable(model)
-        blocked = [(n, m) for n, m in modules_of_type(model, _layer_classes()) if _uses_cpu_numba_kernel(m)]
+        blocked = [(n, m) for n, m in self.find_layers(model) if _uses_cpu_numba_kernel(m)]
         if blocked:
             layouts = sorted({_layout(m) for _n, m in blocked})
             raise NotTrainableError(
@@ -150,7 +136,7 @@ class AqlmBackend(QuantBackend):
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []
-        layers = dict(modules_of_type(model, _layer_classes()))
+        layers = dict(self.find_layers(model))
         evidence = config_quant_method(model) or legacy_quant_method(model)
         if evidence is not None and evidence[0] in self.quant_methods and not layers:
             out.append(

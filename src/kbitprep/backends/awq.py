@@ -17,32 +17,25 @@ not require grad repacks the weight for ``aten._weight_int4pack_mm_for_cpu`` und
 from __future__ import annotations
 
 import sys
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends._gptqmodel import base_classes, pin_train_mode
+from kbitprep.backends._gptqmodel import base_classes, latched_layers, pin_train_mode
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     UndoFn,
     config_quant_method,
-    detect_in_tiers,
     legacy_quant_method,
     modules_of_type,
+    most_common_dtype,
 )
 
 __all__ = ["AwqBackend"]
-
-
-STORAGE_NAMES = frozenset({"qweight", "qzeros", "scales"})
-"""Names of an AWQ layer's quantized tensors (gptqmodel 7.6.0, autoawq 0.2)."""
-
-_INFERENCE = "inference"  # gptqmodel's LinearMode is a str Enum: LinearMode.INFERENCE == "inference"
 
 
 def _supports_awq(cls: type) -> bool:
@@ -57,18 +50,6 @@ def _autoawq_classes() -> tuple[type, ...]:
         if mod_name.startswith("awq.modules.linear") and mod is not None:
             classes.extend(v for k, v in vars(mod).items() if k.startswith("WQLinear") and isinstance(v, type))
     return tuple(classes)
-
-
-def _is_awq_layer(module: nn.Module) -> bool:
-    base, autoawq = base_classes(), _autoawq_classes()
-    if base and isinstance(module, base):
-        return _supports_awq(type(module))
-    return bool(autoawq) and isinstance(module, autoawq)
-
-
-def _awq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    classes = base_classes() + _autoawq_classes()
-    return [(n, m) for n, m in modules_of_type(model, classes) if _is_awq_layer(m)]
 
 
 class AwqBackend(QuantBackend):
@@ -94,36 +75,24 @@ class AwqBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            found = Counter(type(module).__name__ for _n, module in _awq_layers(m))
-            if not found:
-                return None
-            parts = [f"{n} AWQ {cls} module{'s' if n != 1 else ''}" for cls, n in sorted(found.items())]
-            return "found " + ", ".join(parts)
+    storage_names: ClassVar[frozenset[str]] = frozenset({"qweight", "qzeros", "scales"})
+    """An AWQ layer's quantized tensors (gptqmodel 7.6.0, autoawq 0.2), should a layer register
+    them as parameters rather than buffers."""
+    input_dtype_attr: ClassVar[str] = "scales"
+    """fp16 or bf16: the dtype an AWQ kernel computes in."""
+    layer_label: ClassVar[str] = "AWQ {cls}"
 
-        return detect_in_tiers(model, self.quant_methods, layers)
-
-    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        """AWQ storage (``qweight``, ``qzeros``, ``scales``) should a layer register it as
-        parameters rather than buffers; otherwise the base rule."""
-        if name.rpartition(".")[2] in STORAGE_NAMES and _is_awq_layer(module):
-            return True
-        return super().is_quantized_param(name, param, module)
-
-    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """The dtype of an AWQ layer's ``scales`` (fp16 or bf16), the dtype its kernel computes in."""
-        if not _is_awq_layer(module):
-            return None
-        scales = getattr(module, "scales", None)
-        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
-            return scales.dtype
-        return None
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """gptqmodel's kernels that serve AWQ (``SUPPORTS_METHODS``) and autoawq's ``WQLinear*``."""
+        base, autoawq = base_classes(), _autoawq_classes()
+        for name, module in modules_of_type(model, base + autoawq):
+            gptqmodel = bool(base) and isinstance(module, base)
+            if not gptqmodel or _supports_awq(type(module)):  # an autoawq layer is AWQ by its class
+                yield name, module
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The ``scales`` dtype most AWQ layers hold (the load dtype), or ``None`` without layers."""
-        dtypes = Counter(d for _n, m in _awq_layers(model) if (d := self.input_dtype(m)) is not None)
-        return dtypes.most_common(1)[0][0] if dtypes else None
+        return most_common_dtype(self.input_dtype(m) for _n, m in self.find_layers(model))
 
     def check_trainable(self, model: nn.Module) -> None:
         """Refuse a model whose gptqmodel CPU AWQ layers already latched into inference mode.
@@ -137,10 +106,8 @@ class AwqBackend(QuantBackend):
                 (transformers 5.24 ``AwqQuantizer``: gptqmodel older than 5.0).
         """
         super().check_trainable(model)
-        layers = _awq_layers(model)
-        latched = [n for n, m in layers if getattr(m, "linear_mode", None) == _INFERENCE]
+        latched, total = latched_layers(self.find_layers(model))
         if latched:
-            total = sum(1 for _n, m in layers if hasattr(m, "linear_mode"))
             raise NotTrainableError(
                 f"{len(latched)} of {total} AWQ layers (first: {latched[0]!r}) have "
                 "linear_mode='inference': an eval-mode forward under torch.no_grad already ran and "
@@ -157,11 +124,11 @@ class AwqBackend(QuantBackend):
         eval no-grad forward keeps the layer differentiable. Returns an undo that sets the pinned
         layers back to None.
         """
-        return pin_train_mode((m for _n, m in _awq_layers(model)), "AWQ")
+        return pin_train_mode((m for _n, m in self.find_layers(model)), "AWQ")
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         evidence = config_quant_method(model) or legacy_quant_method(model)
-        if evidence is not None and evidence[0] in self.quant_methods and not _awq_layers(model):
+        if evidence is not None and evidence[0] in self.quant_methods and not any(self.find_layers(model)):
             return [
                 f"The model is flagged AWQ ({evidence[1]}) but holds no AWQ layer: its linears are "
                 "probably plain and randomly initialised (the checkpoint's qweight/scales were not "

@@ -6,7 +6,8 @@ import abc
 import importlib.machinery
 import importlib.util
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, final
@@ -38,15 +39,16 @@ __all__ = [
     "detect_in_tiers",
     "dominant_float_dtype",
     "find_storage",
+    "found_reason",
     "is_installed",
     "is_storage_dtype",
     "is_storage_tensor",
     "is_wrapper_subclass",
-    "layer_counter",
     "legacy_quant_method",
     "loaded_module",
     "model_param_bytes",
     "modules_of_type",
+    "most_common_dtype",
     "tensor_nbytes",
 ]
 
@@ -86,8 +88,12 @@ class QuantBackend(abc.ABC):
     whether checkpointing is wanted, and what must hold before adapters can train.
 
     The orchestrator (:func:`kbitprep.prepare`) asks these questions and never compares
-    ``name``. Subclasses set ``name`` and implement :meth:`detect`; every other method has a
-    default that is right for a backend whose kernels own their compute dtype.
+    ``name``. Subclasses set ``name`` and say how to recognise their models: declare
+    :attr:`quant_methods` and implement :meth:`find_layers` (the default :meth:`detect` reads
+    both), or implement :meth:`detect` itself. Every other method has a default that is right
+    for a backend whose kernels own their compute dtype; three of them read what a strategy
+    declares about its layers (:attr:`storage_names`, :attr:`input_dtype_attr`,
+    :attr:`layer_label`).
 
     Attributes:
         name: Registry name, e.g. ``"bitsandbytes"``; a plugin uses its own.
@@ -108,17 +114,34 @@ class QuantBackend(abc.ABC):
     install_hint: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     quant_methods: ClassVar[frozenset[str]] = frozenset()
-    """transformers ``quant_method`` names (lower case) this strategy claims, e.g. ``{"gptq"}``."""
+    """transformers ``quant_method`` names (lower case) this strategy claims, e.g. ``{"gptq"}``:
+    the first two tiers of the default :meth:`detect`."""
+    storage_names: ClassVar[frozenset[str]] = frozenset()
+    """Leaf names of the tensors that are quantized storage, whatever their dtype, on a layer
+    :meth:`find_layers` yields (AQLM: ``{"codes", "codebooks", "scales"}``): the default
+    :meth:`is_quantized_param` says yes to them. A float scale or codebook belongs here; a
+    ``bias`` usually does not."""
+    input_dtype_attr: ClassVar[str] = ""
+    """The attribute of a layer :meth:`find_layers` yields that tells the dtype its floating
+    inputs must have: a floating tensor (its dtype: GPTQ ``scales``, AQLM ``codebooks``) or a
+    ``torch.dtype`` (HQQ ``compute_dtype``). The default :meth:`input_dtype` reads it; empty
+    (the default) means the layers convert their inputs themselves."""
+    layer_label: ClassVar[str] = "{cls}"
+    """How the default :meth:`detect` names the layers it counts; ``{cls}`` stands for each
+    layer's class name: ``"AWQ {cls}"`` gives ``"found 14 AWQ TorchAtenAwqLinear modules"``, a
+    label without ``{cls}`` counts every layer under that one name (:func:`found_reason`)."""
     holds_storage: ClassVar[bool] = True
     """Whether the models this strategy claims hold quantized storage. False (``none``) means: a
     quantization label on the model needs no storage behind it, ``upcast="all"`` is not
     questioned, and an upcast warns with the bytes it adds (as peft casts a plain model)."""
     keeps_checkpointing_as_found: ClassVar[bool] = False
-    """Whether checkpointing is left as the model has it, its ``use_reentrant`` included, unless
-    the caller passes ``gradient_checkpointing_kwargs`` (peft 0.21 for an unquantized model),
-    and a plan warning says when it stays off."""
+    """Whether checkpointing is left as the model has it: on when it is on, off when it is off
+    (:meth:`wants_gradient_checkpointing` is then not asked), its ``use_reentrant`` included unless
+    the caller passes ``gradient_checkpointing_kwargs`` (peft 0.21 for an unquantized model), and
+    a plan warning says when it stays off."""
     CONTRACT: ClassVar[tuple[str, ...]] = (
         "detect",
+        "find_layers",
         "is_quantized_param",
         "find_storage",
         "should_upcast",
@@ -133,7 +156,8 @@ class QuantBackend(abc.ABC):
     )
     """The questions a strategy answers: the methods kbitprep calls and a strategy may override,
     each checked by the registry against the signature declared here. The other public methods
-    (:meth:`trainable`, :meth:`require`, :meth:`missing_requirements`) are helpers built on them."""
+    (:meth:`trainable`, :meth:`is_layer`, :meth:`require`, :meth:`missing_requirements`) are
+    helpers built on them."""
     fallback: ClassVar[bool] = False
     """True for a strategy that claims whatever no specific strategy claims (``generic`` and
     ``none``): when it claims a model beside another strategy, :func:`kbitprep.detect_backend`
@@ -148,23 +172,65 @@ class QuantBackend(abc.ABC):
     :meth:`should_upcast` (the code cannot state whose rule it is). Leave it empty otherwise: a
     strategy that inherits :meth:`should_upcast` upcasts nothing, and the table says so."""
 
-    @abc.abstractmethod
     def detect(self, model: nn.Module) -> str | None:
         """A one-line reason when this backend quantized ``model``, else ``None``.
 
         Must not run a forward, read ``.weight`` on a layer that has none, or import a
         library that is not already imported by the model's own layers.
+
+        Default: :func:`detect_in_tiers`, strongest evidence first: the transformers quantizer
+        or ``config.quantization_config`` names a method of :attr:`quant_methods`
+        (:func:`config_quant_method`); else a legacy attribute does (``quantization_method``,
+        ``is_loaded_in_4bit`` ..., :func:`legacy_quant_method`); else the layers
+        :meth:`find_layers` yields, counted under :attr:`layer_label` (``"found 14 EetqLinear
+        modules"``, :func:`found_reason`). A strategy that declares neither
+        :attr:`quant_methods` nor :meth:`find_layers` can claim nothing with it and must
+        override this (the registry refuses it otherwise).
         """
+        return detect_in_tiers(model, self.quant_methods, self._layers_reason)
+
+    def _layers_reason(self, model: nn.Module) -> str | None:
+        """The third tier of the default :meth:`detect`: the found layers, counted per label."""
+        label = self.layer_label
+        return found_reason(label.replace("{cls}", type(m).__name__) for _n, m in self.find_layers(model))
+
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """The quantized layers of this method in ``model``, as ``(name, module)`` pairs in
+        ``model.named_modules()`` order (``""`` names ``model`` itself).
+
+        The default :meth:`detect` counts them, and the defaults of :meth:`is_quantized_param`
+        (:attr:`storage_names`) and :meth:`input_dtype` (:attr:`input_dtype_attr`) apply to them
+        alone. Those two ask it of a single module (:meth:`is_layer`), so whether a module is a
+        layer must depend on the module itself (its class, its own tensors), not on where it
+        sits in the model. Like :meth:`detect`, it must not run a forward or import a library
+        the model's layers did not already import: look the layer classes up in
+        ``sys.modules`` (:func:`loaded_module`) and walk them with :func:`modules_of_type`.
+
+        Default: none (a strategy that recognises its models by :meth:`detect` alone).
+
+        Returns:
+            An iterator of ``(qualified name, module)``.
+        """
+        return iter(())
+
+    @final
+    def is_layer(self, module: nn.Module) -> bool:
+        """Whether ``module`` itself is one of the layers :meth:`find_layers` yields (it is asked
+        of ``module`` alone). Helper, not a question: override :meth:`find_layers`."""
+        return any(found is module for _name, found in self.find_layers(module))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """Whether ``param`` is quantized storage: never cast, never made trainable, never
         counted when deciding whether dtypes are mixed, never read as a compute dtype.
 
-        Default: :func:`is_storage_tensor` (integer, float8, e8m0 and float4 dtypes, tensor
-        subclasses, and the scales / zero points / packed tensors of a module that holds such
-        storage). An override should return ``True`` for its own extra storage and otherwise
-        call ``super().is_quantized_param(...)``, so it keeps this rule.
+        Default: a tensor named in :attr:`storage_names` on a layer :meth:`find_layers` yields,
+        whatever its dtype; elsewhere :func:`is_storage_tensor` (integer, float8, e8m0 and float4
+        dtypes, tensor subclasses, and the scales / zero points / packed tensors of a module that
+        holds such storage). An override should return ``True`` for its own extra storage and
+        otherwise call ``super().is_quantized_param(...)``, so it keeps these rules.
         """
+        if self.storage_names and name.rpartition(".")[2] in self.storage_names and self.is_layer(module):
+            return True
         return is_storage_tensor(name, param, module)
 
     # -- helpers: not questions the orchestrator asks, not part of the contract, never overridden
@@ -281,8 +347,18 @@ class QuantBackend(abc.ABC):
 
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:
         """The dtype a quantized layer requires of its floating inputs, or ``None`` when the
-        layer converts its inputs itself (bitsandbytes) or is not a quantized layer."""
-        return None
+        layer converts its inputs itself (bitsandbytes) or is not a quantized layer.
+
+        Default: on a layer :meth:`find_layers` yields, the dtype its :attr:`input_dtype_attr`
+        holds (a floating tensor's dtype, or a ``torch.dtype``); ``None`` for every other module,
+        and for every module when :attr:`input_dtype_attr` is empty.
+        """
+        if not self.input_dtype_attr or not self.is_layer(module):
+            return None
+        value = getattr(module, self.input_dtype_attr, None)
+        if isinstance(value, torch.Tensor):
+            return value.dtype if value.is_floating_point() else None
+        return value if isinstance(value, torch.dtype) else None
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         """Backend-specific findings to show in ``plan.warnings`` (never raises). Default: none."""
@@ -408,17 +484,28 @@ def detect_in_tiers(
     return layers(model)
 
 
-def layer_counter(classes: Callable[[], tuple[type, ...]], label: str) -> Callable[[nn.Module], str | None]:
-    """The third detection tier for a backend with one kind of layer: ``"found 14 <label>
-    modules"`` when ``model`` holds instances of ``classes()`` (looked up lazily), else None."""
-
-    def layers(model: nn.Module) -> str | None:
-        n = sum(1 for _ in modules_of_type(model, classes()))
-        return count_reason(n, label) if n else None
-
-    return layers
-
-
 def count_reason(count: int, what: str) -> str:
     """``"found 14 Linear4bit modules"`` style reason text."""
     return f"found {count} {what} module{'s' if count != 1 else ''}"
+
+
+def found_reason(labels: Iterable[str], noun: str = "module") -> str | None:
+    """The layer-count reason of a detection: each distinct label with how often it occurs,
+    sorted by label, after one ``"found"``, or ``None`` when ``labels`` is empty.
+
+    ``["EetqLinear"] * 14`` gives ``"found 14 EetqLinear modules"`` (as :func:`count_reason`);
+    two labels give ``"found 2 Linear4bit modules, 1 Linear8bitLt module"``. ``noun`` names what
+    was counted (torchao counts ``"weight"`` tensors).
+    """
+    counts = Counter(labels)
+    if not counts:
+        return None
+    return "found " + ", ".join(f"{n} {label} {noun}{'s' if n != 1 else ''}" for label, n in sorted(counts.items()))
+
+
+def most_common_dtype(dtypes: Iterable[torch.dtype | None]) -> torch.dtype | None:
+    """The dtype that occurs most often in ``dtypes`` (``None`` skipped; of a tie, the one seen
+    first), or ``None`` when there is none: e.g. the compute dtype most of a strategy's layers
+    report (``most_common_dtype(self.input_dtype(m) for _n, m in self.find_layers(model))``)."""
+    counts = Counter(d for d in dtypes if d is not None)
+    return counts.most_common(1)[0][0] if counts else None

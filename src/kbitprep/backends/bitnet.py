@@ -21,20 +21,21 @@ Two layer classes, three storages (measured on this CPU with pre-quantized tiny 
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends.base import MethodFacts, QuantBackend, detect_in_tiers, loaded_module, modules_of_type
+from kbitprep.backends.base import MethodFacts, QuantBackend, loaded_module, modules_of_type, most_common_dtype
 
 __all__ = ["BitNetBackend"]
 
 STORAGE_NAMES = frozenset({"weight", "weight_scale"})
-"""An offline ``AutoBitLinear``'s ternary weight and its scale (transformers 5.24)."""
+"""An offline ``AutoBitLinear``'s ternary weight and its scale (transformers 5.24); an online one's
+float master weight is not storage, so :attr:`QuantBackend.storage_names` (every found layer)
+does not fit."""
 
 
 def _classes(name: str) -> tuple[type, ...]:
@@ -46,10 +47,6 @@ def _classes(name: str) -> tuple[type, ...]:
 def _is_offline_auto(module: nn.Module) -> bool:
     auto = _classes("AutoBitLinear")
     return bool(auto) and isinstance(module, auto) and not getattr(module, "online_quant", False)
-
-
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return list(modules_of_type(model, _classes("BitLinear") + _classes("AutoBitLinear")))
 
 
 class BitNetBackend(QuantBackend):
@@ -73,16 +70,12 @@ class BitNetBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            found = Counter(type(module).__name__ for _n, module in _layers(m))
-            if not found:
-                return None
-            return "found " + ", ".join(
-                f"{n} BitNet {c} module{'s' if n != 1 else ''}" for c, n in sorted(found.items())
-            )
+    layer_label: ClassVar[str] = "BitNet {cls}"
 
-        return detect_in_tiers(model, self.quant_methods, layers)
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """transformers' ``BitLinear`` and ``AutoBitLinear`` (online ones too: they hold no storage,
+        so :func:`kbitprep.detect_backend` then calls the model ``none``)."""
+        return modules_of_type(model, _classes("BitLinear") + _classes("AutoBitLinear"))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """An offline ``AutoBitLinear``'s ternary ``weight`` and ``weight_scale`` (float dtype,
@@ -109,7 +102,7 @@ class BitNetBackend(QuantBackend):
         Raises:
             NotTrainableError: The model holds ``BitLinear`` layers; the message counts them.
         """
-        packed = [n for n, m in _layers(model) if _classes("BitLinear") and isinstance(m, _classes("BitLinear"))]
+        packed = [n for n, _m in modules_of_type(model, _classes("BitLinear"))]
         if packed:
             raise NotTrainableError(
                 f"{len(packed)} BitNet BitLinear layers (first: {packed[0]!r}) hold packed 2-bit weights "
@@ -123,12 +116,11 @@ class BitNetBackend(QuantBackend):
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The dtype most BitNet layers compute in (:meth:`input_dtype`), else ``None``."""
-        dtypes = Counter(d for _n, m in _layers(model) if (d := self.input_dtype(m)) is not None)
-        return dtypes.most_common(1)[0][0] if dtypes else None
+        return most_common_dtype(self.input_dtype(m) for _n, m in self.find_layers(model))
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         quantizer = getattr(model, "hf_quantizer", None)
-        offline = [n for n, m in _layers(model) if _is_offline_auto(m)]
+        offline = [n for n, m in self.find_layers(model) if _is_offline_auto(m)]
         if offline and quantizer is not None and getattr(quantizer, "is_trainable", True) is False:
             return [
                 f"transformers marks this BitNet model not trainable ({type(quantizer).__name__}.is_trainable "

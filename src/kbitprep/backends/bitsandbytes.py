@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -13,8 +13,6 @@ from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     UndoFn,
-    count_reason,
-    detect_in_tiers,
     loaded_module,
     modules_of_type,
 )
@@ -74,24 +72,19 @@ class BitsAndBytesBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            found: dict[str, int] = {}
-            for _name, module in modules_of_type(m, _layer_classes()):
-                found[type(module).__name__] = found.get(type(module).__name__, 0) + 1
-            if found:
-                return ", ".join(count_reason(n, cls) for cls, n in sorted(found.items()))
-            return None
+    storage_names: ClassVar[frozenset[str]] = frozenset({"weight"})
+    """The packed weight of a ``Linear4bit`` / ``Linear8bitLt``, whatever class a wrapper gave it."""
 
-        return detect_in_tiers(model, self.quant_methods, layers)
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """bitsandbytes' ``Linear4bit`` and ``Linear8bitLt``."""
+        return modules_of_type(model, _layer_classes())
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        """``Params4bit`` and ``Int8Params`` wherever they are; otherwise the default."""
         storage = _storage_classes()
         if storage and isinstance(param, storage):
             return True
-        if isinstance(module, _layer_classes()) and name.rsplit(".", 1)[-1] == "weight":
-            return True  # the packed weight, whatever class a wrapper gave it
-        return super().is_quantized_param(name, param, module)  # the shared storage rule
+        return super().is_quantized_param(name, param, module)  # the layers' weight, the shared rule
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The dtype the bitsandbytes layers present compute in, read from those layers only
@@ -195,7 +188,7 @@ class BitsAndBytesBackend(QuantBackend):
         dtypes = set()
         eight_bit = 0
         linear8 = getattr(loaded_module("bitsandbytes.nn"), "Linear8bitLt", None)
-        for _name, module in modules_of_type(model, _layer_classes()):
+        for _name, module in self.find_layers(model):
             if linear8 is not None and isinstance(module, linear8):
                 eight_bit += 1
                 continue

@@ -28,7 +28,7 @@ forward pre-hook on the model (``ModelCompressor.add_decompress_hook``, handle k
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -106,13 +106,6 @@ def _status(module: nn.Module) -> str | None:
 
 def _format(module: nn.Module) -> str | None:
     return _value(getattr(_scheme(module), "format", None))
-
-
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules whose weights compressed-tensors quantized (a scheme with ``weights``)."""
-    if loaded_module("compressed_tensors") is None:  # no module can hold a scheme without it
-        return []
-    return [(n, m) for n, m in model.named_modules() if _weight_scheme(m) is not None]
 
 
 def _quantizes_activations(module: nn.Module) -> bool:
@@ -308,16 +301,23 @@ class CompressedTensorsBackend(QuantBackend):
 
     def detect(self, model: nn.Module) -> str | None:
         """The transformers quantizer or config (``quant_method`` ``"compressed-tensors"``),
-        else the modules that carry a compressed-tensors ``quantization_scheme``."""
+        else the layers :meth:`find_layers` yields, counted with their formats and statuses."""
 
         def layers(m: nn.Module) -> str | None:
-            found = _layers(m)
+            found = list(self.find_layers(m))
             if not found:
                 return None
             kinds = sorted({f"{_format(x) or 'format unknown'}, {_status(x) or 'status unknown'}" for _n, x in found})
             return f"{count_reason(len(found), 'compressed-tensors')} ({'; '.join(kinds)})"
 
         return detect_in_tiers(model, self.quant_methods, layers)
+
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """Modules whose weights compressed-tensors quantized (a ``quantization_scheme`` with
+        ``weights``), whatever their class (``nn.Linear``, ``nn.Embedding``)."""
+        if loaded_module("compressed_tensors") is None:  # no module can hold a scheme without it
+            return iter(())
+        return ((n, m) for n, m in model.named_modules() if _weight_scheme(m) is not None)
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """:data:`STORAGE_NAMES` (and any ``*_scale`` / ``*_zero_point`` / ``*_packed``) on a
@@ -333,7 +333,7 @@ class CompressedTensorsBackend(QuantBackend):
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The floating dtype holding most bytes of the model's non-storage parameters (the
         dtype it was loaded in); ``None`` without compressed-tensors layers."""
-        if not _layers(model):
+        if not any(self.find_layers(model)):
             return None
         return dominant_float_dtype(model, self.is_quantized_param)
 
@@ -366,12 +366,12 @@ class CompressedTensorsBackend(QuantBackend):
                 "load the checkpoint with CompressedTensorsConfig(dequantize=True) to train in the model's dtype."
             )
         super().check_trainable(model)
-        if any(_needs_decompression(m) for _n, m in _layers(model)):
+        if any(_needs_decompression(m) for _n, m in self.find_layers(model)):
             self.require("decompressing compressed-tensors layers so that adapters can wrap them")
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         """The layers :meth:`before_training` will decompress, with the bytes it adds and keeps."""
-        packed = [m for _n, m in _layers(model) if _needs_decompression(m)]
+        packed = [m for _n, m in self.find_layers(model) if _needs_decompression(m)]
         if not packed:
             return []
         dense, scales, kept = _decompression_bytes(packed)
@@ -390,7 +390,7 @@ class CompressedTensorsBackend(QuantBackend):
     def fixup_bytes(self, model: nn.Module) -> int:
         """Dense weights and bfloat16 scale copies added, compressed tensors taken out of the
         model (kept aside for undo), by :meth:`before_training`."""
-        packed = [m for _n, m in _layers(model) if _needs_decompression(m)]
+        packed = [m for _n, m in self.find_layers(model) if _needs_decompression(m)]
         if not packed:
             return 0
         dense, scales, kept = _decompression_bytes(packed)
@@ -400,7 +400,7 @@ class CompressedTensorsBackend(QuantBackend):
         """Decompress the compressed layers (see :meth:`plan_warnings`) and take the library's
         first-forward hook off. Returns the undo: the very compressed tensors, status, format
         and hook put back."""
-        layers = [(n, m) for n, m in _layers(model) if _needs_decompression(m)]
+        layers = [(n, m) for n, m in self.find_layers(model) if _needs_decompression(m)]
         if not layers:
             return None
         self.require("decompressing compressed-tensors layers so that adapters can wrap them")

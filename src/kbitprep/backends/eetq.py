@@ -10,18 +10,14 @@ package's own ``EetqLinear`` (transformers 4) is recognised too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
-import torch
 from torch import nn
 
-from kbitprep.backends.base import MethodFacts, QuantBackend, detect_in_tiers, layer_counter, loaded_module
+from kbitprep.backends.base import MethodFacts, QuantBackend, loaded_module, modules_of_type
 
 __all__ = ["EetqBackend"]
-
-STORAGE_NAMES = frozenset({"weight", "weight_scales"})
-"""Names of an EETQ layer's quantized tensors (int8 weight and its per-column fp16 scales)."""
 
 
 def _layer_classes() -> tuple[type, ...]:
@@ -55,22 +51,13 @@ class EetqBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "EetqLinear"))
+    storage_names: ClassVar[frozenset[str]] = frozenset({"weight", "weight_scales"})
+    """An ``EetqLinear``'s int8 ``weight`` and its per-column fp16 ``weight_scales``; its ``bias``
+    is not storage."""
+    input_dtype_attr: ClassVar[str] = "weight_scales"
+    """fp16: the activation dtype of ``w8_a16_gemm``."""
+    layer_label: ClassVar[str] = "EetqLinear"
 
-    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        """``weight`` (int8) and ``weight_scales`` (fp16) of an ``EetqLinear``; a layer's ``bias``
-        is not storage. Elsewhere the default (integer dtype or tensor subclass)."""
-        classes = _layer_classes()
-        if classes and isinstance(module, classes) and name.rpartition(".")[2] in STORAGE_NAMES:
-            return True
-        return super().is_quantized_param(name, param, module)
-
-    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """The dtype of an ``EetqLinear``'s ``weight_scales`` (fp16): its activation dtype."""
-        classes = _layer_classes()
-        if classes and isinstance(module, classes):
-            scales = getattr(module, "weight_scales", None)
-            if isinstance(scales, torch.Tensor) and scales.is_floating_point():
-                return scales.dtype
-        return None
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """transformers' ``EetqLinear`` and the older ``eetq`` package's."""
+        return modules_of_type(model, _layer_classes())

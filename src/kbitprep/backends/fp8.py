@@ -23,8 +23,7 @@ treats as the unquantized model it then is.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
@@ -34,8 +33,6 @@ from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
-    count_reason,
-    detect_in_tiers,
     dominant_float_dtype,
     loaded_module,
 )
@@ -105,13 +102,6 @@ def _is_quantized_now(module: nn.Module) -> bool:
     return any((t.element_size() == 1 and not t.is_floating_point()) or t.dtype in _FLOAT8 for t in tensors)
 
 
-def _layers(model: nn.Module) -> str | None:
-    counts = Counter(type(m).__name__ for _n, m in _fp8_layers(model) if _is_quantized_now(m))
-    if not counts:
-        return None
-    return ", ".join(count_reason(n, cls) for cls, n in sorted(counts.items()))
-
-
 class Fp8Backend(QuantBackend):
     """Strategy for FP8 models (transformers finegrained ``FP8Linear``, ``FbgemmFp8Linear``).
 
@@ -120,7 +110,9 @@ class Fp8Backend(QuantBackend):
       never read as a compute dtype. A raw module holding a float8 ``weight`` beside a
       ``weight_scale``/``weight_scale_inv`` is recognised too.
     * ``upcast="auto"`` casts nothing: ``FP8Linear`` returns its input's dtype and the FP8
-      kernels take bf16/fp16 activations (transformers 5.24 ``fp8_linear``).
+      kernels take bf16/fp16 activations (transformers 5.24 ``fp8_linear``). No layer has an
+      input dtype (no :attr:`input_dtype_attr`): ``FP8Linear`` quantizes (or, in its reference
+      path, dequantizes) on its own, so no input cast is planned, and never one to a float8 dtype.
     * Trainability: ``FP8Linear`` with float8 weights trains adapters through its input
       gradient (transformers >= 5.24 ``FP8LinearFunction``); FP4-packed ``int8`` weights
       (its backward raises ``NotImplementedError``), ``FbgemmFp8Linear`` (activation
@@ -147,8 +139,10 @@ class Fp8Backend(QuantBackend):
         ),
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        return detect_in_tiers(model, self.quant_methods, _layers)
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """FP8 layers (and raw float8 linears) that still hold one-byte or packed weights: one
+        transformers dequantized in place runs a plain ``F.linear``."""
+        return ((n, m) for n, m in _fp8_layers(model) if _is_quantized_now(m))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """Every tensor of an FP8 layer named in :data:`STORAGE_NAMES` (``bias`` is not), whatever
@@ -166,12 +160,6 @@ class Fp8Backend(QuantBackend):
         Never a float8 dtype; ``None`` when the model has no such parameter."""
         return dominant_float_dtype(model, self.is_quantized_param)
 
-    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """``None`` for every layer: ``FP8Linear`` quantizes (or, in its reference path,
-        dequantizes) on its own and returns its input's dtype, so no input cast is planned, and
-        never one to a float8 dtype."""
-        return None
-
     def check_trainable(self, model: nn.Module) -> None:
         """Refuse FP8 layers whose forward has no backward to the input.
 
@@ -183,7 +171,7 @@ class Fp8Backend(QuantBackend):
                 FP8 module has no ``FP8LinearFunction`` (before 5.24). Also when the
                 transformers quantizer reports ``is_trainable`` False.
         """
-        layers = [(n, m) for n, m in _fp8_layers(model) if _is_quantized_now(m)]
+        layers = list(self.find_layers(model))
         fbgemm = [n for n, m in layers if isinstance(m, _fbgemm_classes() or ())]
         if fbgemm:
             raise NotTrainableError(

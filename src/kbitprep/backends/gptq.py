@@ -10,32 +10,24 @@ model's plain float ones (embeddings, norms, ``lm_head``), which stay in the loa
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends._gptqmodel import base_classes, pin_train_mode
+from kbitprep.backends._gptqmodel import base_classes, latched_layers, pin_train_mode
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     UndoFn,
     config_quant_method,
-    count_reason,
-    detect_in_tiers,
     legacy_quant_method,
     modules_of_type,
 )
 
 __all__ = ["GptqBackend"]
-
-
-STORAGE_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx"})
-"""Names of a GPTQ layer's quantized tensors (buffers in gptqmodel 7.6.0 and auto-gptq 0.7)."""
-
-_INFERENCE = "inference"  # gptqmodel's LinearMode.INFERENCE is a str Enum equal to this
 
 
 def _supports_gptq(cls: type) -> bool:
@@ -49,7 +41,8 @@ def _layer_classes() -> tuple[type, ...]:
     """GPTQ layer classes of the libraries already imported (nothing is imported here).
 
     gptqmodel: ``gptqmodel.nn_modules.qlinear.BaseQuantLinear`` (its AWQ kernels share that
-    base, so instances are further filtered by ``SUPPORTS_METHODS`` in :func:`_is_gptq_layer`).
+    base, so instances are further filtered by ``SUPPORTS_METHODS`` in
+    :meth:`GptqBackend.find_layers`).
     auto-gptq: the ``QuantLinear`` class of each ``auto_gptq.nn_modules.qlinear.qlinear_*`` module.
     """
     classes: list[type] = list(base_classes())
@@ -59,11 +52,6 @@ def _layer_classes() -> tuple[type, ...]:
             if isinstance(cls, type):
                 classes.append(cls)
     return tuple(classes)
-
-
-def _is_gptq_layer(module: nn.Module, classes: tuple[type, ...] | None = None) -> bool:
-    classes = _layer_classes() if classes is None else classes
-    return bool(classes) and isinstance(module, classes) and _supports_gptq(type(module))
 
 
 def _has_packed_storage(module: nn.Module) -> bool:
@@ -76,11 +64,6 @@ def _has_packed_storage(module: nn.Module) -> bool:
         and isinstance(scales, torch.Tensor)
         and scales.is_floating_point()
     )
-
-
-def _gptq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    classes = _layer_classes()
-    return [(n, m) for n, m in modules_of_type(model, classes) if _supports_gptq(type(m))]
 
 
 class GptqBackend(QuantBackend):
@@ -112,33 +95,32 @@ class GptqBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            found: dict[str, int] = {}
-            for _name, module in _gptq_layers(m):
-                found[type(module).__name__] = found.get(type(module).__name__, 0) + 1
-            if not found:
-                return None
-            return ", ".join(count_reason(n, f"GPTQ {cls}") for cls, n in sorted(found.items()))
+    storage_names: ClassVar[frozenset[str]] = frozenset({"qweight", "qzeros", "scales", "g_idx"})
+    """A GPTQ layer's quantized tensors (buffers in gptqmodel 7.6.0 and auto-gptq 0.7), should a
+    layer register them as parameters; of any module holding packed storage too (see
+    :meth:`is_quantized_param`)."""
+    input_dtype_attr: ClassVar[str] = "scales"
+    """fp16 or bf16: the dtype a GPTQ kernel computes in."""
+    layer_label: ClassVar[str] = "GPTQ {cls}"
 
-        return detect_in_tiers(model, self.quant_methods, layers)
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """gptqmodel's kernels that serve GPTQ (``SUPPORTS_METHODS``) and auto-gptq's ``QuantLinear``."""
+        return ((n, m) for n, m in modules_of_type(model, _layer_classes()) if _supports_gptq(type(m)))
 
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        """GPTQ storage (``qweight``, ``qzeros``, ``scales``, ``g_idx``), should a layer register
-        it as parameters rather than buffers; otherwise the default (integer dtype or subclass)."""
-        leaf = name.rpartition(".")[2]
-        if leaf in STORAGE_NAMES and (_is_gptq_layer(module) or _has_packed_storage(module)):
+        """:attr:`storage_names` also on a module of another class that holds a packed int32
+        ``qweight`` beside float ``scales``; otherwise the default."""
+        if name.rpartition(".")[2] in self.storage_names and _has_packed_storage(module):
             return True
         return super().is_quantized_param(name, param, module)
 
     def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """The dtype of a GPTQ layer's ``scales`` (fp16 or bf16), the dtype its kernel computes in."""
-        if not (_is_gptq_layer(module) or _has_packed_storage(module)):
-            return None
-        scales = getattr(module, "scales", None)
-        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
-            return scales.dtype
-        return None
+        """The ``scales`` dtype (:attr:`input_dtype_attr`), also of a module of another class
+        that holds packed storage."""
+        if _has_packed_storage(module):
+            scales = getattr(module, "scales", None)
+            return scales.dtype if isinstance(scales, torch.Tensor) and scales.is_floating_point() else None
+        return super().input_dtype(module)
 
     def check_trainable(self, model: nn.Module) -> None:
         """Refuse a model whose gptqmodel CPU layers already latched into inference mode.
@@ -151,9 +133,8 @@ class GptqBackend(QuantBackend):
                 Also when the transformers quantizer reports ``is_trainable`` False.
         """
         super().check_trainable(model)
-        latched = [n for n, m in _gptq_layers(model) if getattr(m, "linear_mode", None) == _INFERENCE]
+        latched, total = latched_layers(self.find_layers(model))
         if latched:
-            total = sum(1 for _n, m in _gptq_layers(model) if hasattr(m, "linear_mode"))
             raise NotTrainableError(
                 f"{len(latched)} of {total} GPTQ layers (first: {latched[0]!r}) have "
                 "linear_mode='inference': an eval-mode forward under torch.no_grad already ran "
@@ -170,7 +151,7 @@ class GptqBackend(QuantBackend):
         later eval no-grad forward (a smoke test, ``Trainer``'s evaluation) keeps the layer
         differentiable. Returns an undo that sets the pinned layers back to None.
         """
-        return pin_train_mode((m for _n, m in _gptq_layers(model)), "GPTQ")
+        return pin_train_mode((m for _n, m in self.find_layers(model)), "GPTQ")
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []
@@ -178,7 +159,7 @@ class GptqBackend(QuantBackend):
         if (
             evidence is not None
             and evidence[0] in self.quant_methods
-            and not _gptq_layers(model)
+            and not any(self.find_layers(model))
             and not any(_has_packed_storage(m) for m in model.modules())
         ):
             out.append(

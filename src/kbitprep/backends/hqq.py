@@ -10,7 +10,7 @@ raises ``AttributeError``), so nothing here ever reads it. The layer computes in
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
@@ -20,17 +20,12 @@ from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     config_quant_method,
-    detect_in_tiers,
-    layer_counter,
     legacy_quant_method,
     loaded_module,
     modules_of_type,
 )
 
 __all__ = ["HqqBackend"]
-
-STORAGE_NAMES = frozenset({"W_q"})
-"""Name of an ``HQQLinear``'s quantized parameter (hqq 0.2.8)."""
 
 
 def _layer_classes() -> tuple[type, ...]:
@@ -72,26 +67,19 @@ class HqqBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        return detect_in_tiers(model, self.quant_methods, layer_counter(_layer_classes, "HQQLinear"))
+    storage_names: ClassVar[frozenset[str]] = frozenset({"W_q"})
+    """An ``HQQLinear``'s one parameter, the packed weight (hqq 0.2.8), whatever its dtype."""
+    input_dtype_attr: ClassVar[str] = "compute_dtype"
+    """The ``torch.dtype`` an ``HQQLinear`` computes in, which its input must have."""
+    layer_label: ClassVar[str] = "HQQLinear"
 
-    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        """``W_q`` of an ``HQQLinear`` (whatever its dtype); elsewhere the default."""
-        classes = _layer_classes()
-        if classes and isinstance(module, classes) and name.rpartition(".")[2] in STORAGE_NAMES:
-            return True
-        return super().is_quantized_param(name, param, module)
-
-    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """An ``HQQLinear``'s ``compute_dtype``, which its input must have."""
-        classes = _layer_classes()
-        if classes and isinstance(module, classes):
-            return _compute_dtype(module)
-        return None
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """hqq's ``HQQLinear``."""
+        return modules_of_type(model, _layer_classes())
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []
-        layers = list(modules_of_type(model, _layer_classes()))
+        layers = list(self.find_layers(model))
         evidence = config_quant_method(model) or legacy_quant_method(model)
         if not layers:
             if evidence is not None and evidence[0] in self.quant_methods:

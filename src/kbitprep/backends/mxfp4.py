@@ -19,7 +19,7 @@ dequantized to bf16 (plain ``GptOssExperts``), which is an unquantized model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
@@ -29,9 +29,7 @@ from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
-    detect_in_tiers,
     is_storage_dtype,
-    layer_counter,
     loaded_module,
     modules_of_type,
 )
@@ -87,8 +85,11 @@ class Mxfp4Backend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        return detect_in_tiers(model, self.quant_methods, layer_counter(_expert_classes, "Mxfp4GptOssExperts"))
+    layer_label: ClassVar[str] = "Mxfp4GptOssExperts"
+
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """transformers' ``Mxfp4GptOssExperts``, packed or not (see :meth:`find_storage`)."""
+        return modules_of_type(model, _expert_classes())
 
     def find_storage(self, model: nn.Module) -> str | None:
         """Experts holding packed FP4 weights, whether still uint8 parameters or swizzled into

@@ -19,8 +19,7 @@ gradients for int8/int4/int2/float8 weights, with and without int8/float8 activa
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
@@ -30,11 +29,11 @@ from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     config_quant_method,
-    detect_in_tiers,
     is_wrapper_subclass,
     legacy_quant_method,
     loaded_module,
     modules_of_type,
+    most_common_dtype,
 )
 
 __all__ = ["QuantoBackend"]
@@ -67,10 +66,6 @@ def _is_frozen(module: nn.Module) -> bool:
     return weight is not None and ((bool(classes) and isinstance(weight, classes)) or is_wrapper_subclass(weight))
 
 
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return list(modules_of_type(model, _module_classes()))
-
-
 class QuantoBackend(QuantBackend):
     """Strategy for optimum-quanto models, loaded through transformers (``QuantoConfig``,
     weights int2/int4/int8/float8) or quantized with quanto's own ``quantize`` / ``freeze``.
@@ -95,35 +90,21 @@ class QuantoBackend(QuantBackend):
         )
     }
 
-    def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            found = Counter(type(module).__name__ for _n, module in _layers(m))
-            if not found:
-                return None
-            parts = [f"{n} quanto {cls} module{'s' if n != 1 else ''}" for cls, n in sorted(found.items())]
-            return "found " + ", ".join(parts)
+    input_dtype_attr: ClassVar[str] = "weight"
+    """A quanto layer's weight reports its scale's dtype (bf16 or fp32), which its input must have."""
+    layer_label: ClassVar[str] = "quanto {cls}"
 
-        return detect_in_tiers(model, self.quant_methods, layers)
-
-    def input_dtype(self, module: nn.Module) -> torch.dtype | None:
-        """The dtype a quanto layer's weight reports (its scale's dtype, bf16 or fp32), which
-        its input must have; ``None`` for any other module."""
-        classes = _module_classes()
-        if not (classes and isinstance(module, classes)):
-            return None
-        weight = _weight(module)
-        if weight is None or not weight.is_floating_point():
-            return None
-        return weight.dtype
+    def find_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """quanto's layers (``QModuleMixin``: ``QLinear``, ``QConv2d``, ``QLayerNorm``), frozen or not."""
+        return modules_of_type(model, _module_classes())
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
-        """The dtype most quanto layers compute in (see :meth:`input_dtype`; transformers
+        """The dtype most quanto layers compute in (see :attr:`input_dtype_attr`; transformers
         ``QuantoConfig`` loads give every layer the load dtype), or ``None`` without layers."""
-        dtypes = Counter(d for _n, m in _layers(model) if (d := self.input_dtype(m)) is not None)
-        return dtypes.most_common(1)[0][0] if dtypes else None
+        return most_common_dtype(self.input_dtype(m) for _n, m in self.find_layers(model))
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
-        layers = _layers(model)
+        layers = list(self.find_layers(model))
         out: list[str] = []
         unfrozen = [n for n, m in layers if not _is_frozen(m)]
         if unfrozen:

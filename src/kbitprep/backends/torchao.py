@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from kbitprep._errors import NotTrainableError
-from kbitprep.backends.base import MethodFacts, QuantBackend, detect_in_tiers, is_wrapper_subclass, loaded_module
+from kbitprep.backends.base import (
+    MethodFacts,
+    QuantBackend,
+    detect_in_tiers,
+    found_reason,
+    is_wrapper_subclass,
+    loaded_module,
+)
 
 __all__ = ["TorchAoBackend"]
 
@@ -50,20 +57,14 @@ class TorchAoBackend(QuantBackend):
     }
 
     def detect(self, model: nn.Module) -> str | None:
-        def layers(m: nn.Module) -> str | None:
-            counts: dict[str, int] = {}
-            for _n, _mod, param in _quantized_weights(m):
-                counts[type(param).__name__] = counts.get(type(param).__name__, 0) + 1
-            if not counts:
-                return None
-            return "found " + ", ".join(
-                f"{n} torchao {cls} weight{'s' if n != 1 else ''}" for cls, n in sorted(counts.items())
-            )
+        """The quantizer, config or legacy attributes, else the torchao tensors the layers hold,
+        counted by class (``"found 14 torchao Int8Tensor weights"``): ``quantize_`` swaps the
+        weights, not the layers, so there is no layer class to find."""
 
-        return detect_in_tiers(model, self.quant_methods, layers)
+        def weights(m: nn.Module) -> str | None:
+            return found_reason((f"torchao {type(w).__name__}" for _n, _m, w in _quantized_weights(m)), noun="weight")
 
-    def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        return super().is_quantized_param(name, param, module)  # the shared storage rule
+        return detect_in_tiers(model, self.quant_methods, weights)
 
     def check_trainable(self, model: nn.Module) -> None:
         """Probe each quantized linear functionally with a grad-requiring input (train semantics,
