@@ -19,8 +19,6 @@ from kbitprep._errors import NotTrainableError
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
-    config_quant_method,
-    legacy_quant_method,
     loaded_module,
     modules_of_type,
 )
@@ -137,10 +135,10 @@ class AqlmBackend(QuantBackend):
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []
         layers = dict(self.find_layers(model))
-        evidence = config_quant_method(model) or legacy_quant_method(model)
-        if evidence is not None and evidence[0] in self.quant_methods and not layers:
+        evidence = self.flagged_without_layers(model)
+        if evidence is not None:
             out.append(
-                f"The model is flagged AQLM ({evidence[1]}) but holds no AQLM QuantizedLinear: "
+                f"The model is flagged AQLM ({evidence}) but holds no AQLM QuantizedLinear: "
                 "its linears are probably plain and randomly initialised."
             )
         listed = _not_to_quantize(model)

@@ -29,8 +29,6 @@ from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     UndoFn,
-    config_quant_method,
-    legacy_quant_method,
     modules_of_type,
     most_common_dtype,
 )
@@ -127,10 +125,10 @@ class AwqBackend(QuantBackend):
         return pin_train_mode((m for _n, m in self.find_layers(model)), "AWQ")
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
-        evidence = config_quant_method(model) or legacy_quant_method(model)
-        if evidence is not None and evidence[0] in self.quant_methods and not any(self.find_layers(model)):
+        evidence = self.flagged_without_layers(model)
+        if evidence is not None:
             return [
-                f"The model is flagged AWQ ({evidence[1]}) but holds no AWQ layer: its linears are "
+                f"The model is flagged AWQ ({evidence}) but holds no AWQ layer: its linears are "
                 "probably plain and randomly initialised (the checkpoint's qweight/scales were not "
                 "loaded). Check the load report for UNEXPECTED qweight keys."
             ]

@@ -219,6 +219,18 @@ class QuantBackend(abc.ABC):
         of ``module`` alone). Helper, not a question: override :meth:`find_layers`."""
         return any(found is module for _name, found in self.find_layers(module))
 
+    @final
+    def flagged_without_layers(self, model: nn.Module) -> str | None:
+        """The evidence (``"quantization_config.quant_method == 'gptq'"``) when ``model`` is
+        labelled with one of :attr:`quant_methods` but :meth:`find_layers` finds none of its
+        layers, else ``None``: the checkpoint's quantized tensors were not loaded, so its linears
+        are plain and probably randomly initialised. A strategy's :meth:`plan_warnings` says so
+        with its own remedy. Helper, not a question."""
+        evidence = config_quant_method(model) or legacy_quant_method(model)
+        if evidence is None or evidence[0] not in self.quant_methods or any(self.find_layers(model)):
+            return None
+        return evidence[1]
+
     def is_quantized_param(self, name: str, param: nn.Parameter, module: nn.Module) -> bool:
         """Whether ``param`` is quantized storage: never cast, never made trainable, never
         counted when deciding whether dtypes are mixed, never read as a compute dtype.

@@ -22,8 +22,6 @@ from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
     UndoFn,
-    config_quant_method,
-    legacy_quant_method,
     modules_of_type,
 )
 
@@ -155,15 +153,10 @@ class GptqBackend(QuantBackend):
 
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []
-        evidence = config_quant_method(model) or legacy_quant_method(model)
-        if (
-            evidence is not None
-            and evidence[0] in self.quant_methods
-            and not any(self.find_layers(model))
-            and not any(_has_packed_storage(m) for m in model.modules())
-        ):
+        evidence = self.flagged_without_layers(model)
+        if evidence is not None and not any(_has_packed_storage(m) for m in model.modules()):
             out.append(
-                f"The model is flagged GPTQ ({evidence[1]}) but holds no GPTQ layer: its linears "
+                f"The model is flagged GPTQ ({evidence}) but holds no GPTQ layer: its linears "
                 "are probably plain and randomly initialised (the checkpoint's qweight/scales were "
                 "not loaded). Check the load report for UNEXPECTED qweight keys."
             )

@@ -19,8 +19,6 @@ from torch import nn
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
-    config_quant_method,
-    legacy_quant_method,
     loaded_module,
     modules_of_type,
 )
@@ -80,11 +78,11 @@ class HqqBackend(QuantBackend):
     def plan_warnings(self, model: nn.Module) -> list[str]:
         out: list[str] = []
         layers = list(self.find_layers(model))
-        evidence = config_quant_method(model) or legacy_quant_method(model)
         if not layers:
-            if evidence is not None and evidence[0] in self.quant_methods:
+            evidence = self.flagged_without_layers(model)
+            if evidence is not None:
                 out.append(
-                    f"The model is flagged HQQ ({evidence[1]}) but holds no HQQLinear module: its "
+                    f"The model is flagged HQQ ({evidence}) but holds no HQQLinear module: its "
                     "linears are plain nn.Linear, probably randomly initialised (transformers 5 "
                     "cannot load HQQ checkpoints and reports their W_q keys as UNEXPECTED). "
                     "Quantize with HQQLinear directly, or load with transformers<5."

@@ -28,9 +28,7 @@ from torch import nn
 from kbitprep.backends.base import (
     MethodFacts,
     QuantBackend,
-    config_quant_method,
     is_wrapper_subclass,
-    legacy_quant_method,
     loaded_module,
     modules_of_type,
     most_common_dtype,
@@ -114,10 +112,10 @@ class QuantoBackend(QuantBackend):
                 "use the memory of the unquantized model. Call optimum.quanto.freeze(model) before "
                 "prepare to store them quantized."
             )
-        evidence = config_quant_method(model) or legacy_quant_method(model)
-        if evidence is not None and evidence[0] in self.quant_methods and not layers:
+        evidence = self.flagged_without_layers(model)
+        if evidence is not None:
             out.append(
-                f"The model is flagged quanto ({evidence[1]}) but holds no quanto layer: its "
+                f"The model is flagged quanto ({evidence}) but holds no quanto layer: its "
                 "linears are plain. Check that optimum-quanto is installed and the load report."
             )
         return out
