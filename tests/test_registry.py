@@ -187,7 +187,13 @@ def test_contract_is_the_questions_the_orchestrator_asks(clean_registry: None) -
         "input_dtype", "plan_warnings", "shardable",
     )  # fmt: skip
     public = {n for n in vars(QuantBackend) if not n.startswith("_") and callable(getattr(QuantBackend, n))}
-    assert public - set(QuantBackend.CONTRACT) == {"trainable", "is_layer", "require", "missing_requirements"}
+    assert public - set(QuantBackend.CONTRACT) == {
+        "trainable",
+        "is_layer",
+        "flagged_without_layers",
+        "require",
+        "missing_requirements",
+    }
 
     class OwnHelper(QuantBackend):
         name = "own-helper-test"
@@ -323,6 +329,9 @@ def test_registry_refuses_a_class_the_default_detect_cannot_serve(clean_registry
         ("storage_names", ("weight",), "storage_names must be a frozenset"),
         ("input_dtype_attr", None, "input_dtype_attr must be a string"),
         ("layer_label", 3, "layer_label must be a string"),
+        ("upcast_rule", None, "upcast_rule must be a string"),
+        ("method_facts", {"gptq": ("storage", "trains")}, "method_facts must map quant_method names to MethodFacts"),
+        ("method_facts", "gptq", "method_facts must map quant_method names to MethodFacts"),
     ],
 )
 def test_registry_refuses_declarations_of_the_wrong_type(

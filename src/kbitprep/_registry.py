@@ -27,7 +27,7 @@ from kbitprep._errors import (
     UnknownBackendError,
 )
 from kbitprep._hf import unwrap_model
-from kbitprep.backends.base import QuantBackend
+from kbitprep.backends.base import MethodFacts, QuantBackend
 
 __all__ = [
     "BackendInfo",
@@ -188,7 +188,7 @@ def _check_class(cls: object) -> None:
 
     Checked: a :class:`QuantBackend` subclass with a ``name``; ``quant_methods``,
     ``storage_names``, ``input_dtype_attr`` and ``layer_label`` of the types the default
-    questions read; a way to claim a model (its own ``detect``, or ``quant_methods`` or
+    questions read, and ``method_facts`` / ``upcast_rule`` of the types the coverage table reads; a way to claim a model (its own ``detect``, or ``quant_methods`` or
     ``find_layers`` for the default one); no abstract method left; ``requires`` a tuple of
     strings; instantiable as ``cls()``; and every method of the ``QuantBackend`` contract it
     overrides callable with the arguments kbitprep passes. A plugin entry point naming a refused
@@ -254,12 +254,21 @@ def _check_declared(where: str, cls: type[QuantBackend]) -> None:
             f"Backend class {where}.quant_methods holds {', '.join(repr(m) for m in upper)}; transformers' "
             "quant_method names are compared in lower case, so these could never match. Write them in lower case."
         )
-    for attr in ("input_dtype_attr", "layer_label"):
+    for attr in ("input_dtype_attr", "layer_label", "upcast_rule"):
         value = getattr(cls, attr, None)
         if not isinstance(value, str):
             raise InvalidArgumentError(
                 f"Backend class {where}.{attr} must be a string; got {value!r}. Set it to a string, or leave it out."
             )
+    facts = getattr(cls, "method_facts", None)
+    if not isinstance(facts, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, MethodFacts) for k, v in facts.items()
+    ):
+        raise InvalidArgumentError(
+            f"Backend class {where}.method_facts must map quant_method names to MethodFacts (what "
+            f"`kbitprep backends --methods` shows); got {facts!r}. Set "
+            '`method_facts = {"mymethod": MethodFacts(storage="...", trains="...")}`, or leave it out.'
+        )
 
 
 @functools.cache
