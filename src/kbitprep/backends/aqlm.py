@@ -96,7 +96,7 @@ class AqlmBackend(QuantBackend):
         "aqlm": MethodFacts(
             "codes int16/int8, codebooks and scales in the load dtype",
             "yes (1x16 on CPU; 2x8 and 1x8 on CPU refused)",
-            "checkpoint synthesized (no hub download here)",
+            "kbitprep's tests quantize their own checkpoint (no hub download)",
         )
     }
 

@@ -135,7 +135,9 @@ class Fp8Backend(QuantBackend):
             "float8_e4m3fn weight and weight_scale", "no: refused (f8f8bf16_rowwise has no backward)"
         ),
         "mxfp8": MethodFacts(
-            "float8 weight and e8m0 block scales", "as fp8", "only the finegrained fp8 layers are built on this CPU"
+            "float8 weight and e8m0 block scales",
+            "as fp8",
+            "kbitprep's tests build only the finegrained fp8 layers, on a CPU",
         ),
     }
 

@@ -43,7 +43,9 @@ class GenericBackend(QuantBackend):
     fallback: ClassVar[bool] = True
     method_facts: ClassVar[Mapping[str, MethodFacts]] = {
         "vptq": MethodFacts(
-            "VQuantLinear indices and centroids", REFUSED_BY_TRANSFORMERS, "the vptq library is not installed here"
+            "VQuantLinear indices and centroids",
+            REFUSED_BY_TRANSFORMERS,
+            "not tested: kbitprep's test environment lacks the vptq library",
         ),
         "higgs": MethodFacts(
             "FLUTE-packed weights", REFUSED_BY_TRANSFORMERS, "transformers refuses HIGGS without a GPU"
@@ -52,7 +54,9 @@ class GenericBackend(QuantBackend):
             "SpQR sparse outliers and 3-bit groups", REFUSED_BY_TRANSFORMERS, "transformers refuses SpQR without a GPU"
         ),
         "quark": MethodFacts(
-            "AMD Quark quantized layers", REFUSED_BY_TRANSFORMERS, "the quark library is not installed here"
+            "AMD Quark quantized layers",
+            REFUSED_BY_TRANSFORMERS,
+            "not tested: kbitprep's test environment lacks the quark library",
         ),
         "fp_quant": MethodFacts(
             "FP-Quant (MXFP4/NVFP4 with Hadamard rotations)",
@@ -74,11 +78,15 @@ class GenericBackend(QuantBackend):
         "fouroversix": MethodFacts(
             "four-over-six FP4 weights",
             "refused unless keep_master_weights=True (quantizer is_trainable); then " + UNKNOWN_TRAINING,
-            "the fouroversix library is not installed here",
+            "not tested: kbitprep's test environment lacks the fouroversix library",
         ),
-        "sinq": MethodFacts("SINQ quantized weights", UNKNOWN_TRAINING, "the sinq library is not installed here"),
+        "sinq": MethodFacts(
+            "SINQ quantized weights", UNKNOWN_TRAINING, "not tested: kbitprep's test environment lacks the sinq library"
+        ),
         "gemma": MethodFacts(
-            "Gemma quantized checkpoints", REFUSED_BY_TRANSFORMERS, "its checkpoints were not tried on this CPU"
+            "Gemma quantized checkpoints",
+            REFUSED_BY_TRANSFORMERS,
+            "not tested: kbitprep's tests load no such checkpoint",
         ),
     }
     """transformers 5.24 methods no strategy claims. ``trains`` is what the inherited
