@@ -27,16 +27,8 @@ from kbitprep._errors import (
     UnknownBackendError,
 )
 from kbitprep._estimate import MemoryEstimate, estimate
-from kbitprep._prepare import (
-    CastItem,
-    ModelInput,
-    ModulePrecision,
-    PreparationPlan,
-    PreparationReport,
-    plan,
-    prepare,
-    prepare_model_for_kbit_training,
-)
+from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, PreparationReport
+from kbitprep._prepare import plan, prepare, prepare_model_for_kbit_training
 from kbitprep._registry import (
     BackendInfo,
     Detection,

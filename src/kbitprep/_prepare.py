@@ -20,7 +20,7 @@ from torch import nn
 from kbitprep._errors import InvalidArgumentError, InvalidModelError
 from kbitprep._names import keep_patterns
 from kbitprep._options import DistributedMode, PrepareOptions, UpcastPolicy, check_options
-from kbitprep._plan import CastItem, ModelInput, ModulePrecision, PreparationPlan, PreparationReport
+from kbitprep._plan import PreparationPlan, PreparationReport
 from kbitprep.steps.cast import plan_casts
 from kbitprep.steps.checkpoint import plan_checkpointing
 from kbitprep.steps.compute import plan_compute
@@ -30,17 +30,7 @@ from kbitprep.steps.resolve import plan_backend
 from kbitprep.steps.run import apply_steps, compose
 from kbitprep.steps.trainability import plan_trainability
 
-__all__ = [
-    "CastItem",
-    "ModelInput",
-    "ModulePrecision",
-    "PreparationPlan",
-    "PreparationReport",
-    "UpcastPolicy",
-    "plan",
-    "prepare",
-    "prepare_model_for_kbit_training",
-]
+__all__ = ["UpcastPolicy", "plan", "prepare", "prepare_model_for_kbit_training"]
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from kbitprep._estimate import MemoryEstimate
     from kbitprep._estimate._config import BudgetRow
-    from kbitprep._prepare import PreparationPlan
+    from kbitprep._plan import PreparationPlan
     from kbitprep._registry import Detection
     from kbitprep._render import Table as RenderTable
     from kbitprep.demo import DemoResult

@@ -70,7 +70,8 @@ except ImportError as exc:  # pragma: no cover - only reached outside a test run
     ) from exc
 
 from kbitprep._errors import InvalidArgumentError, KbitPrepWarning, NotTrainableError
-from kbitprep._prepare import PreparationPlan, plan, prepare
+from kbitprep._plan import PreparationPlan
+from kbitprep._prepare import plan, prepare
 from kbitprep._registry import available_backends, detect_backend, get_backend
 from kbitprep._storage import model_param_bytes
 from kbitprep.backends.base import QuantBackend

@@ -191,26 +191,15 @@ def quantization_config(name: str) -> Any:
         raise DemoSetupError(f"Unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}.")
     if name == "none":
         return None
-    if name in ("nf4", "fp4", "int8"):
-        from transformers import BitsAndBytesConfig
+    if name in ("nf4", "fp4", "int8", "torchao-int8"):  # the configs kbitprep estimate builds too
+        from kbitprep._estimate._config import quantization_config as estimate_config
 
-        if name == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
-        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-            load_in_4bit=True,
-            bnb_4bit_quant_type=name,
-            bnb_4bit_use_double_quant=True,
-            # fp32, not bf16: on CPU a bf16 matmul runs about 4x slower than fp32 (measured on this project's CI machine)
-            bnb_4bit_compute_dtype=torch.float32,
-        )
-    from transformers import TorchAoConfig
-
-    if name == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        return TorchAoConfig(Int8WeightOnlyConfig())
+        # fp32 compute, not bf16: on CPU a bf16 matmul runs about 4x slower than fp32 (measured on
+        # this project's CI machine)
+        return estimate_config(name, torch.float32)
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
+    from transformers import TorchAoConfig
 
     return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))  # type: ignore[attr-defined]
 

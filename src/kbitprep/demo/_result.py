@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from kbitprep._prepare import PreparationPlan
+    from kbitprep._plan import PreparationPlan
     from kbitprep._registry import Detection
 
 __all__ = ["SUMMARY_KEYS", "DemoOptions", "DemoResult", "LogReporter", "Reporter"]

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from kbitprep._errors import InvalidArgumentError
-from kbitprep._prepare import PreparationPlan, plan, prepare
+from kbitprep._plan import PreparationPlan
+from kbitprep._prepare import plan, prepare
 from kbitprep._registry import Detection, detect_backend
 from kbitprep.demo import _model
 from kbitprep.demo._data import corpus, held_out_blocks, tokenize, train_windows
