@@ -36,6 +36,20 @@ def standard_step(model: nn.Module, lr: float = 1e-3) -> tuple[float, dict[str, 
     return float(out.loss.detach()), grads
 
 
+def lora_step_trains(model: nn.Module, device: str = "cuda") -> None:
+    """LoRA on the prepared ``model``, train mode, one forward/backward on the standard batch on
+    ``device`` (no optimizer step): the loss is finite, all 8 LoRA tensors get a gradient, the 4
+    lora_B ones non-zero."""
+    peft_model = add_lora(model)
+    peft_model.train()
+    ids = standard_batch().to(device)
+    out = peft_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert torch.isfinite(out.loss)
+    assert grad_counts(grads) == (8, 8, 4)
+
+
 def grad_counts(grads: dict[str, torch.Tensor | None]) -> tuple[int, int, int]:
     """(LoRA tensors, with a grad, lora_B grads that are non-zero)."""
     with_grad = sum(1 for g in grads.values() if g is not None)

@@ -21,20 +21,23 @@ def storage_digest(model: nn.Module, backend: Any) -> dict[str, str]:
     for name, p in model.named_parameters():
         mod = modules.get(name.rpartition(".")[0], model)
         if backend.is_quantized_param(name, p, mod):
-            out[name] = _digest(p)
+            out[name] = digest(p)
     for name, b in model.named_buffers():
         if not b.is_floating_point() or "scales" in name or "W_q" in name:
-            out[name] = _digest(b)
+            out[name] = digest(b)
     return out
 
 
-def _digest(t: torch.Tensor) -> str:
+def digest(t: torch.Tensor) -> str:
+    """sha256 of the bytes ``t`` stores (of each inner tensor of a wrapper subclass such as
+    torchao's), with its dtype and shape."""
     inner = getattr(t, "__tensor_flatten__", None)
     if inner is not None and type(t) not in (torch.Tensor, nn.Parameter):
         names, _ = inner()
-        return "|".join(_digest(getattr(t, n)) for n in names)
-    data = t.detach().contiguous().view(torch.uint8) if t.dtype != torch.bool else t.detach().to(torch.uint8)
-    return hashlib.sha256(data.cpu().numpy().tobytes()).hexdigest() + f":{t.dtype}:{tuple(t.shape)}"
+        return "|".join(digest(getattr(t, n)) for n in names)
+    data = t.detach().contiguous().reshape(-1)
+    raw = data.to(torch.uint8) if data.dtype == torch.bool else data.view(torch.uint8)
+    return hashlib.sha256(raw.cpu().numpy().tobytes()).hexdigest() + f":{t.dtype}:{tuple(t.shape)}"
 
 
 def storage_by_base_name(model: nn.Module, backend: Any) -> dict[str, str]:
@@ -42,8 +45,8 @@ def storage_by_base_name(model: nn.Module, backend: Any) -> dict[str, str]:
     before and after attaching LoRA (``base_model.model.`` prefix, ``.base_layer``) compare."""
 
     out = {}
-    for name, digest in storage_digest(model, backend).items():
-        out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = digest
+    for name, d in storage_digest(model, backend).items():
+        out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = d
     return out
 
 
@@ -58,7 +61,7 @@ def storage_state(model: nn.Module, backend: Any) -> dict[str, tuple[torch.dtype
         owner = modules.get(name.rpartition(".")[0], model)
         if backend.is_quantized_param(name, p, owner):
             key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            out[key] = (p.dtype, tuple(p.shape), tensor_nbytes(p), p.requires_grad, _digest(p))
+            out[key] = (p.dtype, tuple(p.shape), tensor_nbytes(p), p.requires_grad, digest(p))
     return out
 
 
@@ -68,6 +71,12 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.dtype, bool, torch.Tenso
 
 def hook_count(module: nn.Module) -> int:
     return len(module._forward_hooks)
+
+
+def embed_hooks(model: Any) -> tuple[int, int]:
+    """(forward hooks, forward pre-hooks) on the model's input embedding."""
+    embed = model.get_input_embeddings()
+    return len(embed._forward_hooks), len(embed._forward_pre_hooks)
 
 
 def forward_hook_total(model: Any) -> int:
@@ -105,7 +114,7 @@ def storage_record(t: torch.Tensor) -> tuple[Any, ...]:
     """(class, dtype, shape, bytes, requires_grad, content) of one quantized tensor."""
     from kbitprep.backends.base import tensor_nbytes
 
-    return (type(t).__name__, t.dtype, tuple(t.shape), tensor_nbytes(t), t.requires_grad, _digest(t))
+    return (type(t).__name__, t.dtype, tuple(t.shape), tensor_nbytes(t), t.requires_grad, digest(t))
 
 
 def floating_params(model: Any) -> dict[str, nn.Parameter]:
@@ -126,7 +135,7 @@ def model_state(model: Any) -> dict[str, Any]:
             p.device.type,
             p.requires_grad,
             p.data_ptr() if p.device.type != "meta" else 0,
-            _digest(p) if p.device.type != "meta" else "",
+            digest(p) if p.device.type != "meta" else "",
         )
         for n, p in model.named_parameters(remove_duplicate=False)
     }

@@ -24,6 +24,14 @@ TINY = dict(
     vocab_size=1000,
 )
 
+# the tiny gpt-oss (GptOssConfig): the tiny Llama's sizes with 4 local experts (2 per token) of
+# width 64, grouped-query attention and one sliding-window layer
+GPT_OSS: dict[str, Any] = {
+    **TINY, "intermediate_size": 64, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+    "num_experts_per_tok": 2, "max_position_embeddings": 64, "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 16,
+}  # fmt: skip
+
 
 def tiny_config(**overrides: Any) -> Any:
     from transformers import LlamaConfig
@@ -73,6 +81,14 @@ def from_pretrained(path: str, dtype: torch.dtype, **kw: Any) -> nn.Module:
 def standard_batch(batch: int = 2, seq: int = 32, vocab: int = 1000) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def eval_forward(model: nn.Module) -> None:
+    """Eval mode and a no-grad forward on a short batch (what latches gptqmodel's kernels into
+    inference mode)."""
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=standard_batch(1, 8))
 
 
 def checkpointing_on(model: nn.Module) -> bool:

@@ -46,6 +46,16 @@ def generic(root: str) -> Any:
     return model
 
 
+def strip_quantization_evidence(model: nn.Module) -> None:
+    """Drop every label transformers leaves on a quantized model (``hf_quantizer``,
+    ``quantization_method``, ``is_quantized``, ``config.quantization_config``): only the layers
+    tell the method then, and a test sets back the one evidence tier it checks."""
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if attr in vars(model):
+            delattr(model, attr)
+    model.config.quantization_config = None
+
+
 # -- bitsandbytes ----------------------------------------------------------------------------------
 
 
@@ -71,6 +81,20 @@ def bnb4_bf16_storage(root: str) -> Any:
     return bnb4(root, bnb_4bit_quant_storage=torch.bfloat16)
 
 
+def bnb4_config_or_skip() -> Any:
+    """:func:`bnb4_config`, or a skip without bitsandbytes (a config factory of a backend table)."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
+    return bnb4_config()
+
+
+def bnb8_config_or_skip() -> Any:
+    """``BitsAndBytesConfig(load_in_8bit=True)``, or a skip without bitsandbytes."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+
+
 def bnb8(root: str) -> Any:
     need("bitsandbytes")
     from transformers import BitsAndBytesConfig
@@ -88,6 +112,15 @@ def torchao_hf(root: str, config: Any = None) -> Any:
     from transformers import TorchAoConfig
 
     return load(saved_tiny(root), quantization_config=TorchAoConfig(config or Int8WeightOnlyConfig()))
+
+
+def torchao_int8_config_or_skip() -> Any:
+    """``TorchAoConfig(Int8WeightOnlyConfig())``, or a skip without torchao."""
+    pytest.importorskip("torchao", reason="needs torchao (pip install torchao)")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
 
 
 def torchao_direct(root: str, config: Any = None) -> Any:
@@ -395,12 +428,12 @@ UPCAST_IDS = ["auto", "all", "callable"]
 
 def prepare_quietly(model: nn.Module, upcast: Any, **kw: Any) -> Any:
     """prepare(); ``upcast="all"`` on these backends must warn that their kernels want their own
-    compute dtype (the orchestrator's KbitPrepWarning). Any other warning fails the test."""
+    compute dtype (the orchestrator's MemoryWarning). Any other warning fails the test."""
     import pytest
 
-    from kbitprep import KbitPrepWarning, prepare
+    from kbitprep import MemoryWarning, prepare
 
     if upcast != "all":
         return prepare(model, upcast=upcast, **kw)
-    with pytest.warns(KbitPrepWarning, match="expect their own compute"):
+    with pytest.warns(MemoryWarning, match="expect their own compute"):
         return prepare(model, upcast=upcast, **kw)

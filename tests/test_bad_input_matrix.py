@@ -73,7 +73,7 @@ class Bad:
     call: Callable[[Any], Any]
     error: type[Exception] | None = None
     says: tuple[str, ...] = ()  # substrings of the message: what was found and how to fix it
-    warns: str | None = None  # a KbitPrepWarning whose text contains this
+    warns: tuple[type[kbitprep.KbitPrepWarning], str] | None = None  # a warning of this kind whose text contains this
     check: Callable[[Any, Any], None] | None = None  # on success: (result, model)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -278,10 +278,16 @@ BAD: dict[str, Bad] = {
     "parameters on mixed devices (cpu + meta)": Bad(
         _mixed_cpu_meta, P, kbitprep.InvalidModelError, ("'lm_head.weight'", "meta device", "Load the weights")
     ),
-    "a PeftModel (looked through)": Bad(_peft, P, warns="already attached", check=_check_peft),
+    "a PeftModel (looked through)": Bad(
+        _peft, P, warns=(kbitprep.AdapterWarning, "already attached"), check=_check_peft
+    ),
     "already prepared": Bad(_prepared, P, check=_check_prepared_again),
-    "adapters attached before prepare": Bad(_adapters_injected, P, warns="usual order", check=_check_injected),
-    "unknown quantization method": Bad(_unknown_method, P, warns="'sparsegpt'", check=_check_generic),
+    "adapters attached before prepare": Bad(
+        _adapters_injected, P, warns=(kbitprep.AdapterWarning, "usual order"), check=_check_injected
+    ),
+    "unknown quantization method": Bad(
+        _unknown_method, P, warns=(kbitprep.BackendWarning, "'sparsegpt'"), check=_check_generic
+    ),
     "unknown backend name": Bad(
         _plain,
         lambda m: P(m, backend="sparsegpt"),
@@ -295,10 +301,16 @@ BAD: dict[str, Bad] = {
         ("is_trainable is False", "quantization config that supports training"),
     ),
     "the backend's library missing (detected)": Bad(
-        _torchao_missing, P, warns="The model is not quantized", check=_check_dequantized_torchao
+        _torchao_missing,
+        P,
+        warns=(kbitprep.MemoryWarning, "The model is not quantized"),
+        check=_check_dequantized_torchao,
     ),
     "the backend's library missing (asked for)": Bad(
-        _hqq_missing, lambda m: P(m, backend="hqq"), warns="backend='hqq' was passed", check=_check_forced_hqq
+        _hqq_missing,
+        lambda m: P(m, backend="hqq"),
+        warns=(kbitprep.DetectionWarning, "backend='hqq' was passed"),
+        check=_check_forced_hqq,
     ),
     "a broken plugin": Bad(_broken_plugin, P, check=_broken_status),
     "two plugins with one name": Bad(_two_plugins, P, check=_duplicate_status),
@@ -309,10 +321,16 @@ BAD: dict[str, Bad] = {
         _missing_embeddings, lambda m: P(m, gradient_checkpointing_kwargs=REENTRANT), check=_check_hook_on_embed
     ),
     "no checkpointing support (no switch)": Bad(
-        _no_checkpointing, P, warns="no gradient checkpointing switch", check=_check_checkpointing_off
+        _no_checkpointing,
+        P,
+        warns=(kbitprep.CheckpointingWarning, "no gradient checkpointing switch"),
+        check=_check_checkpointing_off,
     ),
     "no checkpointing support (supports_gradient_checkpointing False)": Bad(
-        _checkpointing_unsupported, P, warns="no gradient checkpointing switch", check=_check_checkpointing_off
+        _checkpointing_unsupported,
+        P,
+        warns=(kbitprep.CheckpointingWarning, "no gradient checkpointing switch"),
+        check=_check_checkpointing_off,
     ),
     "gradient_checkpointing_kwargs of the wrong type": Bad(
         _bnb4,
@@ -417,10 +435,11 @@ def test_bad_input_gives_a_clear_error_or_a_correct_result(
             assert model_state(model) == before
         return
     if bad.warns is not None:
+        category, text = bad.warns
         with pytest.warns(kbitprep.KbitPrepWarning) as record:
             result = bad.call(model)
-        texts = [str(w.message) for w in record]
-        assert any(bad.warns in t for t in texts), texts
+        seen = [(w.category, str(w.message)) for w in record]
+        assert any(c is category and text in t for c, t in seen), seen
     else:
         with contextlib.ExitStack():
             p = kbitprep.plan(model) if case != "already prepared" else None

@@ -24,6 +24,7 @@ import torch
 
 import kbitprep
 from _models import load, saved_tiny, standard_batch
+from _plan_warnings import has_warning, warning_of
 from _quantized import bnb4_config
 from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError
 from kbitprep.steps import distributed as _distributed
@@ -88,7 +89,7 @@ def _predicted(record: dict[str, Any]) -> dict[str, str]:
     """
     plan = record["plan"]
     shard = plan["shard_dtype"]
-    zero_init = any("zero.Init" in w for w in plan["warnings"])
+    zero_init = has_warning(plan, "distributed", "zero.Init")
     cast = {n: c["to_dtype"] for c in plan["casts"] for n in (c["name"], *c.get("tied", ()))}
     out = {}
     for name in record["before"]:
@@ -197,7 +198,7 @@ def test_expected_engine_dtypes(ranks: list[dict[str, Any]]) -> None:
     assert fp32["after"] == rank0["nf4_peft_fp32"]["after"]  # the same dtypes as peft's prepare
     assert {fp32["after"][n] for n in fp32["after"] if "lora_" in n} == {"torch.float32"}
     zero_init = rank0["bf16_kbitprep"]  # loaded under zero.Init: the engine skips its cast
-    assert any("zero.Init" in w for w in zero_init["plan"]["warnings"])
+    warning_of(zero_init["plan"], "distributed", "zero.Init")
     assert {n for n, d in zero_init["after"].items() if d == "torch.float32"} == {
         n for n in zero_init["after"] if "lora_" in n
     }
@@ -221,7 +222,7 @@ def test_checkpointing_modes(ranks: list[dict[str, Any]]) -> None:
     for run in (r["nf4_kbitprep"] for r in ranks):
         assert run["plan"]["use_reentrant"] is False and run["plan"]["gradient_checkpointing"] is True
     for run in (r[s] for r in ranks for s in (*KBITPREP, "trainer")):  # the plan says why
-        assert sum(ZERO3_NOTE in w for w in run["plan"]["warnings"]) == 1, run["plan"]["warnings"]
+        warning_of(run["plan"], "distributed", ZERO3_NOTE)
     for run in (r["trainer"] for r in ranks):
         assert run["plan"]["use_reentrant"] is False
     for run in (r["nf4_non_reentrant_pre_0.19.3"] for r in ranks):
@@ -310,12 +311,12 @@ def test_accelerate_environment(nf4: torch.nn.Module, no_launch: pytest.MonkeyPa
         0,
         False,
     )
-    assert any("ACCELERATE_USE_DEEPSPEED" in w and "ZeRO stage 3" in w for w in p.warnings), p.warnings
+    assert "ZeRO stage 3" in warning_of(p, "distributed", "ACCELERATE_USE_DEEPSPEED")
     assert "distributed: deepspeed" in str(p) and json.dumps(p.to_dict())
     no_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # stage 2: auto stays off and says why
     off = kbitprep.plan(nf4, distributed="auto")
     assert off.distributed is None and len(off.casts) == 7
-    assert any("ZeRO stage 2, not 3" in w for w in off.warnings), off.warnings
+    warning_of(off, "distributed", "ZeRO stage 2, not 3")
     assert {n: (q.dtype, q.requires_grad) for n, q in nf4.named_parameters()} == before
 
 
@@ -335,14 +336,15 @@ def test_config_file_and_auto_precision(nf4: torch.nn.Module, no_launch: pytest.
     assert {n: (p.dtype, p.requires_grad) for n, p in nf4.named_parameters()} == before
     no_launch.delenv("ACCELERATE_MIXED_PRECISION")  # 'auto' with nothing to resolve it: an assumption, said
     p = kbitprep.plan(nf4, distributed="deepspeed")
-    assert p.shard_dtype == torch.bfloat16 and any("leaves bf16/fp16 at 'auto'" in w for w in p.warnings)
+    assert p.shard_dtype == torch.bfloat16
+    warning_of(p, "distributed", "leaves bf16/fp16 at 'auto'")
 
 
 def test_transformers_config(nf4: torch.nn.Module, no_launch: pytest.MonkeyPatch, hf_config: Any) -> None:
     hf_config(_zero3("bf16"))
     p = kbitprep.plan(nf4, distributed="auto")
     assert (p.distributed, p.shard_dtype, p.casts) == ("deepspeed", torch.bfloat16, ())
-    assert any("HfDeepSpeedConfig" in w for w in p.warnings)
+    warning_of(p, "distributed", "HfDeepSpeedConfig")
     hf_config(_zero3("fp32"))  # the newest HfDeepSpeedConfig is the one transformers reads
     p = kbitprep.plan(nf4, distributed="deepspeed")
     # neither bf16 nor fp16: the engine keeps every dtype, so peft's fp32 upcast stays (7 casts, as C06)
@@ -354,7 +356,7 @@ def test_transformers_config(nf4: torch.nn.Module, no_launch: pytest.MonkeyPatch
 def test_no_config_is_an_assumption(nf4: torch.nn.Module, no_launch: pytest.MonkeyPatch) -> None:
     p = kbitprep.plan(nf4, distributed="deepspeed")
     assert (p.distributed, p.shard_dtype, p.casts, p.use_reentrant) == ("deepspeed", torch.bfloat16, (), False)
-    assert any("no DeepSpeed config was found" in w for w in p.warnings), p.warnings
+    warning_of(p, "distributed", "no DeepSpeed config was found")
     assert kbitprep.plan(nf4, distributed="auto").distributed is None
 
 
@@ -381,17 +383,18 @@ def test_old_deepspeed_forces_reentrant(nf4: torch.nn.Module, no_launch: pytest.
     no_launch.setattr(_distributed, "_installed_deepspeed", lambda: (0, 19, 2))
     p = kbitprep.plan(nf4, distributed="deepspeed")
     assert (p.use_reentrant, p.gradient_checkpointing, p.input_grad_hook) == (True, True, True)
-    assert any("DeepSpeed 0.19.2; before 0.19.3" in w for w in p.warnings), p.warnings
-    assert not any(ZERO3_NOTE in w for w in p.warnings), p.warnings
+    warning_of(p, "distributed", "DeepSpeed 0.19.2; before 0.19.3")
+    assert not has_warning(p, "distributed", ZERO3_NOTE), p.warnings
     with pytest.raises(InvalidArgumentError, match="use_reentrant=False cannot be combined with .*use_reentrant=True"):
         kbitprep.plan(nf4, distributed="deepspeed", gradient_checkpointing_kwargs={"use_reentrant": False})
     no_launch.setattr(_distributed, "_installed_deepspeed", lambda: None)  # cannot tell: the safe mode
     p = kbitprep.plan(nf4, distributed="deepspeed")
-    assert p.use_reentrant is True and any("DeepSpeed is not installed" in w for w in p.warnings), p.warnings
+    assert p.use_reentrant is True
+    warning_of(p, "distributed", "DeepSpeed is not installed")
     no_launch.setattr(_distributed, "_installed_deepspeed", lambda: (0, 19, 3))
     p = kbitprep.plan(nf4, distributed="deepspeed")
     assert p.use_reentrant is False
-    assert sum(ZERO3_NOTE in w and "DeepSpeed 0.19.3" in w for w in p.warnings) == 1, p.warnings
+    assert "DeepSpeed 0.19.3" in warning_of(p, "distributed", ZERO3_NOTE)
     assert kbitprep.plan(
         nf4, distributed="deepspeed", gradient_checkpointing_kwargs={"use_reentrant": True}
     ).use_reentrant

@@ -23,6 +23,7 @@ import torch
 import kbitprep
 from _lora import add_lora
 from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, load, saved_tiny, standard_batch
+from _plan_warnings import warning_of
 from _quantized import bnb4_config
 from kbitprep import InvalidArgumentError, KbitPrepError, NotShardableError
 
@@ -322,7 +323,7 @@ def test_model_dtype_differs_from_storage(model_root: str) -> None:
     assert p.bytes_delta < 0
     # true for this model: fp32 inputs_embeds (its loaded dtype) would reach the now-bf16 norm,
     # which returns fp32 into the bf16 projections
-    with pytest.warns(kbitprep.KbitPrepWarning, match="inputs_embeds"):
+    with pytest.warns(kbitprep.PrecisionWarning, match="inputs_embeds"):
         kbitprep.prepare(model, distributed="fsdp")
     assert {q.dtype for q in model.parameters()} == {torch.bfloat16}
 
@@ -331,19 +332,19 @@ def test_integer_storage_warns(model_root: str, monkeypatch: pytest.MonkeyPatch)
     model = load(saved_tiny(model_root), quantization_config=bnb4_config())  # quant_storage uint8
     p = kbitprep.plan(model, distributed="fsdp")
     assert p.distributed == "fsdp" and p.shard_dtype == torch.bfloat16 and p.casts == ()
-    assert any(FSDP1_INTEGER in w and "torch.uint8" in w for w in p.warnings), p.warnings
+    assert "torch.uint8" in warning_of(p, "distributed", FSDP1_INTEGER)
     # auto with an FSDP launch: integer storage leaves the mode off, and says so
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     auto = kbitprep.plan(model, distributed="auto")
     assert auto.distributed is None and len(auto.casts) == 7
-    assert any("stays off" in w for w in auto.warnings), auto.warnings
+    warning_of(auto, "distributed", "stays off")
 
 
 def test_auto_follows_accelerate_fsdp_launch(bf16_storage: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     p = kbitprep.plan(bf16_storage, distributed="auto")
     assert (p.distributed, p.shard_dtype, p.casts) == ("fsdp", torch.bfloat16, ())
-    assert any("ACCELERATE_USE_FSDP" in w for w in p.warnings)
+    warning_of(p, "distributed", "ACCELERATE_USE_FSDP")
 
 
 def test_refuses_what_fsdp_cannot_shard(model_root: str) -> None:
@@ -378,5 +379,5 @@ def test_conflicting_options(bf16_storage: torch.nn.Module, kwargs: dict[str, An
 def test_cast_adapters_arguments(bf16_storage: torch.nn.Module) -> None:
     with pytest.raises(InvalidArgumentError):
         kbitprep.cast_adapters(bf16_storage, torch.int8)
-    with pytest.warns(kbitprep.KbitPrepWarning, match="no adapter parameters"):
+    with pytest.warns(kbitprep.AdapterWarning, match="no adapter parameters"):
         assert kbitprep.cast_adapters(bf16_storage, torch.bfloat16) == ()

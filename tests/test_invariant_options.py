@@ -42,8 +42,9 @@ from hypothesis import assume, given, note  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
+from _matrix import ARCHS as MATRIX  # noqa: E402
 from _measure import model_state  # noqa: E402
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY, load, tiny_llama  # noqa: E402
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, load, tiny_llama  # noqa: E402
 from _quantized import bnb4_config  # noqa: E402
 
 # -- item 3: names match as in peft ------------------------------------------------------------
@@ -53,50 +54,18 @@ def _llama(tie: bool) -> nn.Module:
     return tiny_llama(torch.bfloat16, tie_word_embeddings=tie)
 
 
-def _t5() -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    cfg = T5Config(
-        vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return T5ForConditionalGeneration(cfg).to(torch.bfloat16)  # type: ignore[no-any-return]
-
-
-def _llava() -> nn.Module:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=LlamaConfig(**TINY),  # type: ignore[arg-type]
-        image_token_index=999,
-        image_seq_length=16,
-        vision_feature_layer=-1,
-    )
-    return LlavaForConditionalGeneration(cfg).to(torch.bfloat16)  # type: ignore[no-any-return]
-
-
-def _whisper() -> nn.Module:
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    cfg = WhisperConfig(
-        vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
-        max_source_positions=64, max_target_positions=64, decoder_start_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return WhisperForConditionalGeneration(cfg).to(torch.bfloat16)  # type: ignore[no-any-return]
+def _bf16(arch: str) -> nn.Module:
+    """The matrix's ``arch`` (tests/_matrix.py: T5, Llava, Whisper), built in bf16."""
+    return MATRIX[arch].build().to(torch.bfloat16)  # type: ignore[no-any-return]
 
 
 # architecture -> (builder, LoRA targets)
 ARCHS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "llama": (functools.partial(_llama, False), ["q_proj", "v_proj"]),
     "llama-tied": (functools.partial(_llama, True), ["q_proj", "v_proj"]),
-    "t5": (_t5, ["q", "v"]),
-    "llava": (_llava, ["q_proj", "v_proj"]),
-    "whisper": (_whisper, ["q_proj", "v_proj"]),
+    "t5": (functools.partial(_bf16, "t5"), ["q", "v"]),
+    "llava": (functools.partial(_bf16, "llava"), ["q_proj", "v_proj"]),
+    "whisper": (functools.partial(_bf16, "whisper"), ["q_proj", "v_proj"]),
 }
 
 

@@ -40,6 +40,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import kbitprep  # noqa: E402
 from _models import load, saved_tiny, standard_batch, transformers_major  # noqa: E402
+from _plan_warnings import warnings_of  # noqa: E402
 from _quantized import bnb4_config  # noqa: E402
 
 # On transformers 4.57 the meta-device run of an unquantized Llama's first module does not decide,
@@ -219,7 +220,7 @@ QUANTS_DTYPE = {"bf16": torch.bfloat16, "nf4-bf16": torch.bfloat16, "nf4-fp32": 
 
 
 def _input_warnings(p: kbitprep.PreparationPlan) -> list[str]:
-    return [w for w in p.warnings if w.startswith("Model input")]
+    return [w for w in warnings_of(p, "precision") if w.startswith("Model input")]
 
 
 def _matrix(root: str, arch: str, quant: str) -> nn.Module:

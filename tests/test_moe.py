@@ -18,7 +18,6 @@ q/k/v/o 64x64, router 4x64, gate_up_proj 4x256x64, down_proj 4x64x128, two RMSNo
 from __future__ import annotations
 
 import functools
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,9 @@ from torch import nn
 
 import kbitprep
 from _lora import add_lora, grad_counts, standard_step
+from _measure import digest
 from _models import TINY, load, saved_tiny, transformers_major
+from _plan_warnings import emitted_of, has_warning, warning_of
 from _quantized import bnb4_config
 
 pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
@@ -111,10 +112,6 @@ def _expert_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if ".experts." in n}
 
 
-def _digest(p: torch.Tensor) -> str:
-    return hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def _lora_step(model: nn.Module) -> None:
     """LoRA on q_proj / v_proj, one step: every LoRA tensor gets a gradient."""
     peft_model = add_lora(model)
@@ -162,20 +159,20 @@ def test_plan_states_the_quantized_share_and_warns(model_root: str) -> None:
     assert left > storage
     largest = max(matrices, key=lambda n: matrices[n])
     assert largest == "model.layers.0.mlp.experts.gate_up_proj"
-    found = [w for w in p.warnings if w.startswith(WARNING)]
-    assert len(found) == 1, p.warnings
-    assert f"{left:,} bytes in {len(matrices)} weight matrices" in found[0]
-    assert f"{storage:,} bytes of quantized storage" in found[0]
-    assert f"Largest: {largest!r} (4x256x64, torch.bfloat16)" in found[0]
+    found = warning_of(p, "memory", WARNING)
+    assert found.startswith(WARNING)
+    assert f"{left:,} bytes in {len(matrices)} weight matrices" in found
+    assert f"{storage:,} bytes of quantized storage" in found
+    assert f"Largest: {largest!r} (4x256x64, torch.bfloat16)" in found
 
 
 @fused_experts
 @pytest.mark.parametrize("keep", [(), ("experts",)], ids=["upcast", "kept-bf16"])
 def test_16bit_experts_model_trains_lora_on_attention(model_root: str, keep: tuple[str, ...]) -> None:
     model = _bnb4_moe(model_root)
-    with pytest.warns(kbitprep.KbitPrepWarning, match=WARNING) as caught:
+    with pytest.warns(kbitprep.MemoryWarning, match=WARNING) as caught:
         report = kbitprep.prepare(model, keep_in_low_precision=keep)
-    assert any("keep_in_low_precision=('experts',)" in str(w.message) for w in caught)
+    assert emitted_of(caught, kbitprep.MemoryWarning, "keep_in_low_precision=('experts',)")
     cast = {c.name for c in report.casts}
     experts = _expert_params(model)
     if keep:  # the warning's own suggestion: the experts stay bf16, brought up at use
@@ -196,7 +193,7 @@ def test_dense_llama_4bit_has_no_warning(model_root: str) -> None:
     assert floating == 256_640  # embeddings, head and 5 norms in bf16 (tests/test_storage_and_undo.py)
     p = kbitprep.plan(model)
     assert (p.storage_bytes, p.float_bytes) == (storage, floating)
-    assert not [w for w in p.warnings if w.startswith(WARNING)], p.warnings
+    assert not has_warning(p, "memory", WARNING), p.warnings
     assert _share_line(storage, floating) in str(p)
 
 
@@ -214,16 +211,16 @@ def test_4bit_experts_are_storage(model_root: str) -> None:
     p = kbitprep.plan(model)
     assert (p.storage_bytes, p.float_bytes) == (storage, floating)
     assert not [c for c in p.casts if ".experts." in c.name]
-    assert not [w for w in p.warnings if w.startswith(WARNING)], p.warnings
+    assert not has_warning(p, "memory", WARNING), p.warnings
     assert _share_line(storage, floating) in str(p)
 
-    before = {n: _digest(t) for n, t in experts.items()}
+    before = {n: digest(t) for n, t in experts.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error", kbitprep.KbitPrepWarning)
         kbitprep.prepare(model)
     assert all(t.dtype == torch.uint8 and not t.requires_grad for t in experts.values())
     _lora_step(model)
-    assert {n: _digest(t) for n, t in _expert_params(model).items()} == before  # bit-identical after the step
+    assert {n: digest(t) for n, t in _expert_params(model).items()} == before  # bit-identical after the step
 
 
 @fused_experts
@@ -247,7 +244,7 @@ def test_torchao_int8_experts_are_storage(model_root: str) -> None:
     p = kbitprep.plan(model)
     assert p.backend == "torchao"
     assert (p.storage_bytes, p.float_bytes) == (storage, floating)
-    assert not p.casts and not [w for w in p.warnings if w.startswith(WARNING)], p.warnings
+    assert not p.casts and not has_warning(p, "memory", WARNING), p.warnings
     assert _share_line(storage, floating) in str(p)
     kbitprep.prepare(model)
     assert all(type(t).__name__ == "Int8Tensor" and not t.requires_grad for t in experts.values())

@@ -36,29 +36,10 @@ from torch import nn
 import kbitprep
 from _lora import add_lora, grad_counts, standard_step
 from _models import load, saved_tiny
-from _quantized import bnb4_config
+from _plan_warnings import emitted_of
+from _quantized import bnb4_config_or_skip, bnb8_config_or_skip, torchao_int8_config_or_skip
 
 pytest.importorskip("peft", reason="parity tests compare against peft; pip install peft==0.21.2")
-
-
-def _bnb4() -> Any:
-    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
-    return bnb4_config()
-
-
-def _bnb8() -> Any:
-    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _torchao_int8() -> Any:
-    pytest.importorskip("torchao", reason="needs torchao (pip install torchao)")
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
-
-    return TorchAoConfig(Int8WeightOnlyConfig())
 
 
 def _unquantized() -> Any:
@@ -67,9 +48,9 @@ def _unquantized() -> Any:
 
 BACKENDS: dict[str, tuple[Callable[[], Any], str]] = {
     # label: (quantization config factory, backend kbitprep must detect)
-    "bnb 4-bit nf4+DQ": (_bnb4, "bitsandbytes"),
-    "bnb 8-bit": (_bnb8, "bitsandbytes"),
-    "torchao int8 WO": (_torchao_int8, "torchao"),
+    "bnb 4-bit nf4+DQ": (bnb4_config_or_skip, "bitsandbytes"),
+    "bnb 8-bit": (bnb8_config_or_skip, "bitsandbytes"),
+    "torchao int8 WO": (torchao_int8_config_or_skip, "torchao"),
     "bf16 (none)": (_unquantized, "none"),
 }
 
@@ -197,8 +178,7 @@ def test_matches_peft(label: str, model_root: str) -> None:
         # stays off as in peft
         with pytest.warns(kbitprep.KbitPrepWarning) as record:
             ours = _run(path, make_config, "kbitprep")
-        messages = [str(w.message) for w in record]
-        assert any("420,480" in m for m in messages), messages
+        assert emitted_of(record, kbitprep.MemoryWarning, "420,480"), [str(w.message) for w in record]
     else:
         ours = _run(path, make_config, "kbitprep")
 

@@ -10,6 +10,7 @@ import torch
 import kbitprep
 from _lora import add_lora, grad_counts, standard_step
 from _models import load, saved_tiny
+from _plan_warnings import has_warning, warning_of
 from _quantized import bnb4_config
 from kbitprep.backends.base import QuantBackend
 
@@ -59,8 +60,8 @@ def test_upcast_dtype_must_be_a_compute_dtype(model_root: str) -> None:
 def test_a_forced_backend_that_disagrees_with_detection_is_named(model_root: str) -> None:
     model = load(saved_tiny(model_root), quantization_config=bnb4_config())
     p = kbitprep.plan(model, backend="hqq")
-    assert any("looks like 'bitsandbytes'" in w for w in p.warnings)
-    assert not any("looks like" in w for w in kbitprep.plan(model, backend="bitsandbytes").warnings)
+    warning_of(p, "detection", "looks like 'bitsandbytes'")
+    assert not has_warning(kbitprep.plan(model, backend="bitsandbytes"), "detection", "looks like")
 
 
 def test_no_backend_may_be_named_auto() -> None:
@@ -104,9 +105,9 @@ def test_keeping_low_what_an_earlier_prepare_upcast_says_it_cannot(model_root: s
     assert model.lm_head.weight.dtype == torch.float32
     p = kbitprep.plan(model, keep_in_low_precision=("lm_head",))
     assert p.casts == ()
-    (note,) = [w for w in p.warnings if "'lm_head'" in w]
+    note = warning_of(p, "precision", "'lm_head'")
     assert "already in torch.float32" in note and "report.undo()" in note
     report.undo()
     p = kbitprep.plan(model, keep_in_low_precision=("lm_head",))
     assert "lm_head.weight" not in {c.name for c in p.casts}
-    assert not any("'lm_head'" in w for w in p.warnings)
+    assert not has_warning(p, "precision", "'lm_head'"), p.warnings

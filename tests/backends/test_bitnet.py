@@ -14,7 +14,8 @@ import kbitprep
 from _lora import add_lora, grad_counts, standard_step
 from _measure import storage_state
 from _models import N_LINEARS, checkpointing_on, from_pretrained
-from _quantized import write_bitnet_checkpoint
+from _plan_warnings import emitted_of, warning_of
+from _quantized import strip_quantization_evidence, write_bitnet_checkpoint
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 
@@ -80,8 +81,8 @@ def test_offline_autobitlinear_keeps_ternary_storage_and_trains(
 
     p = plan(model)
     assert (p.backend, p.casts, p.bytes_delta, p.compute_dtype) == ("bitnet", (), 0, torch.bfloat16)
-    assert any("kbitprep.mark_trainable(model)" in w for w in p.warnings)
-    with pytest.warns(kbitprep.KbitPrepWarning, match="mark_trainable"):
+    warning_of(p, "backend", "kbitprep.mark_trainable(model)")
+    with pytest.warns(kbitprep.BackendWarning, match="mark_trainable"):
         prepare(model)
     assert not any(m.weight.requires_grad for m in layers)
     loss, grads = standard_step(add_lora(model, r=4))
@@ -107,7 +108,7 @@ def test_online_autobitlinear_stores_nothing_quantized_and_is_prepared_as_unquan
     assert detection.backend == "none" and "'bitnet'" in detection.reason
     with pytest.warns(kbitprep.KbitPrepWarning) as caught:  # peft's upcast, stated in bytes (C01)
         prepare(model)
-    assert any("not quantized; upcasting 21 parameter" in str(w.message) for w in caught)
+    assert emitted_of(caught, kbitprep.MemoryWarning, "not quantized; upcasting 21 parameter")
     _loss, grads = standard_step(add_lora(model, r=4))
     assert grad_counts(grads) == (8, 8, 4)
 
@@ -115,10 +116,7 @@ def test_online_autobitlinear_stores_nothing_quantized_and_is_prepared_as_unquan
 @pytest.mark.parametrize("tier", ["config_dict", "attribute", "modules"])
 def test_bitnet_is_detected_in_every_evidence_tier(model_root: str, tier: str) -> None:
     model = _load(model_root, "autobitlinear")
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
-        if attr in vars(model):
-            delattr(model, attr)
-    model.config.quantization_config = None
+    strip_quantization_evidence(model)
     expected = {
         "config_dict": "model.config.quantization_config['quant_method'] is 'bitnet'",
         "attribute": "model.quantization_method is 'bitnet'",

@@ -12,7 +12,6 @@ hook. One test saves such a model and loads it back through transformers.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from typing import Any
 
@@ -22,8 +21,9 @@ from torch import nn
 
 import kbitprep
 from _lora import add_lora, grad_counts, standard_step
-from _measure import param_bytes, storage_by_base_name
+from _measure import digest, param_bytes, storage_by_base_name
 from _models import N_LINEARS, decoder_linears, load, standard_batch, tiny_llama, transformers_major
+from _plan_warnings import has_warning, warning_of
 from kbitprep.testing import BackendConformanceTests
 
 pytest.importorskip("compressed_tensors")
@@ -104,14 +104,9 @@ def ct_llama(scheme: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     return model
 
 
-def _digest(t: torch.Tensor) -> str:
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    return f"{hashlib.sha256(raw.numpy().tobytes()).hexdigest()}:{t.dtype}:{tuple(t.shape)}"
-
-
 def _state(model: nn.Module) -> list[tuple[str, str, bool]]:
     """(key, sha256 with dtype and shape, requires_grad) of every parameter and buffer, in order."""
-    return [(k, _digest(v), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()]
+    return [(k, digest(v), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()]
 
 
 def _hooks(model: nn.Module) -> list[tuple[int, Any]]:
@@ -223,13 +218,13 @@ def test_storage_is_never_cast_nor_trainable_even_with_upcast_all(scheme: str) -
     assert {t.dtype for n, t in after.items() if n.endswith(".weight")} == {torch.bfloat16}
 
     second = kbitprep.plan(model, upcast="all")  # nothing left to cast or decompress
-    assert second.casts == () and not any("decompress" in w for w in second.warnings)
-    digests = {n: _digest(t) for n, t in after.items()}
+    assert second.casts == () and not has_warning(second, "backend", "decompress"), second.warnings
+    digests = {n: digest(t) for n, t in after.items()}
     _loss, grads = standard_step(add_lora(model, r=4))
     assert grad_counts(grads) == (8, 8, 4)
     trained = _storage(model)
     assert {
-        n.removeprefix("base_model.model.").replace(".base_layer.", "."): _digest(t) for n, t in trained.items()
+        n.removeprefix("base_model.model.").replace(".base_layer.", "."): digest(t) for n, t in trained.items()
     } == digests
     assert all(t.grad is None and not t.requires_grad for t in trained.values())
     report.undo()
@@ -257,12 +252,12 @@ def test_plan_states_the_decompression_bytes_and_prepare_spends_them(scheme: str
     # planned as numbers: the fix-up's net bytes are part of bytes_delta
     assert p.fixup_bytes == dense + scales - kept
     assert p.bytes_delta == p.fixup_bytes + sum(c.bytes_after - c.bytes_before for c in p.casts)
-    (warning,) = [w for w in p.warnings if w.kind == "backend" and "decompress" in w]
+    warning = warning_of(p, "backend", "decompress")
     assert f"adding {dense + scales:,} bytes ({dense:,} bytes of dense weights" in warning
     assert f"keeps the {kept:,} bytes of compressed tensors" in warning
     assert (f"{scales:,} bytes of bfloat16 copies" in warning) == bool(scales)
     if dtype == torch.bfloat16:  # nothing is cast; NVFP4's fp32 weight_global_scale is storage, not a dtype
-        assert not any(w.startswith("Model input") for w in p.warnings), p.warnings
+        assert not has_warning(p, "precision", "Model input"), p.warnings
 
     before_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     before = param_bytes(model)

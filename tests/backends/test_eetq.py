@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from _lora import add_lora, grad_counts, standard_step
+from _lora import add_lora, grad_counts, lora_step_trains, standard_step
 from _measure import kernel_inputs, storage_state
 from _models import N_LINEARS, N_PLAIN, standard_batch, transformers_major
 from _quantized import UPCAST_IDS, UPCASTS, FakeEetqKernels, eetq_tiny, prepare_quietly
@@ -193,13 +193,6 @@ def test_eetq_real_kernel_on_cuda_trains_one_step(model_root: str, eetq_stub: No
     before = storage_state(model, backend)
     report = prepare(model)
     assert report.backend == "eetq" and report.casts == ()
-    peft_model = add_lora(model)
-    peft_model.train()
-    ids = standard_batch().cuda()
-    out = peft_model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert torch.isfinite(out.loss)
-    assert grad_counts(grads) == (8, 8, 4)
+    lora_step_trains(model)
     after = storage_state(model, backend)
     assert {n: s[4] for n, s in after.items()} == {n: s[4] for n, s in before.items()}

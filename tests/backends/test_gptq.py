@@ -9,10 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from _lora import add_lora, grad_counts, standard_step
-from _measure import hook_count, kernel_inputs, storage_by_base_name
-from _models import N_LINEARS, N_PLAIN, checkpointing_on, from_pretrained, standard_batch, tiny_llama
-from kbitprep import KbitPrepWarning, NotTrainableError, detect_backend, get_backend, plan, prepare
+from _lora import add_lora, grad_counts, lora_step_trains, standard_step
+from _measure import embed_hooks, kernel_inputs, storage_by_base_name
+from _models import (
+    N_LINEARS,
+    N_PLAIN,
+    PLAIN_NAMES,
+    checkpointing_on,
+    eval_forward,
+    from_pretrained,
+    standard_batch,
+    tiny_llama,
+)
+from _quantized import strip_quantization_evidence
+from kbitprep import MemoryWarning, NotTrainableError, detect_backend, get_backend, plan, prepare
 from kbitprep.backends.gptq import GptqBackend
 from kbitprep.testing import BackendConformanceTests
 
@@ -24,15 +34,7 @@ pytest.importorskip(
     "gptqmodel", reason="gptqmodel is not installed (pip install gptqmodel==7.6.0; it needs transformers>=5.14)"
 )
 
-PLAIN = {
-    "model.embed_tokens.weight",
-    "model.layers.0.input_layernorm.weight",
-    "model.layers.0.post_attention_layernorm.weight",
-    "model.layers.1.input_layernorm.weight",
-    "model.layers.1.post_attention_layernorm.weight",
-    "model.norm.weight",
-    "lm_head.weight",
-}
+PLAIN = set(PLAIN_NAMES)
 
 
 def _aten_layers(model: nn.Module) -> list[nn.Module]:
@@ -114,9 +116,7 @@ def test_gptq_prepare_pins_train_mode_so_an_eval_forward_cannot_stop_gradients(
     assert _checkpointing_on(model) and report.gradient_checkpointing and report.use_reentrant is False
 
     peft_model = add_lora(model)
-    peft_model.eval()
-    with torch.no_grad():
-        peft_model(input_ids=standard_batch(1, 8))
+    eval_forward(peft_model)
     assert [m.linear_mode for m in _aten_layers(model)] == ["train"] * N_LINEARS
 
     peft_model.train()
@@ -143,12 +143,10 @@ def test_gptq_layers_latched_by_an_eval_forward_raise_before_anything_changes(gp
     """C14 variant B: after an eval no-grad forward all 14 layers are in inference mode; prepare
     raises NotTrainableError counting them and naming the fix, and changes nothing."""
     model = gptq_model
-    with torch.no_grad():
-        model(input_ids=standard_batch(1, 8))
+    eval_forward(model)
     assert [m.linear_mode for m in _aten_layers(model)] == ["inference"] * N_LINEARS
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    embed = model.get_input_embeddings()
-    hooks_before = (hook_count(embed), len(embed._forward_pre_hooks))
+    hooks_before = embed_hooks(model)
 
     with pytest.raises(NotTrainableError) as info:
         prepare(model, gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -158,7 +156,7 @@ def test_gptq_layers_latched_by_an_eval_forward_raise_before_anything_changes(gp
     assert 'GPTQConfig(bits=4, backend="gptq_torch")' in message
     assert isinstance(info.value, ValueError)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
-    assert (hook_count(embed), len(embed._forward_pre_hooks)) == hooks_before
+    assert embed_hooks(model) == hooks_before
     assert not _checkpointing_on(model)
     with pytest.raises(NotTrainableError):
         plan(model)
@@ -175,8 +173,7 @@ def test_gptq_torch_kernel_has_no_mode_and_trains_after_an_eval_forward(gptq_dir
         model = from_pretrained(gptq_dir, torch.float16, quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
         layers = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
         assert len(layers) == N_LINEARS and not any(hasattr(m, "linear_mode") for m in layers)
-        with torch.no_grad():
-            model(input_ids=standard_batch(1, 8))
+        eval_forward(model)
         report = prepare(model)
         assert report.backend == "gptq" and report.casts == ()
         _loss, grads = standard_step(add_lora(model))
@@ -193,7 +190,7 @@ def test_gptq_upcast_all_casts_only_the_plain_parameters_and_feeds_kernels_fp16(
     assert {c.name for c in p.casts} == PLAIN
     assert {(c.from_dtype, c.to_dtype) for c in p.casts} == {(torch.float16, torch.float32)}
     assert p.bytes_delta == sum(t.numel() for t in model.parameters()) * 2
-    with pytest.warns(KbitPrepWarning, match="upcast='all' on a gptq model"):
+    with pytest.warns(MemoryWarning, match="upcast='all' on a gptq model"):
         prepare(model, upcast="all")
     assert storage_by_base_name(model, backend) == before
     peft_model = add_lora(model)
@@ -203,13 +200,6 @@ def test_gptq_upcast_all_casts_only_the_plain_parameters_and_feeds_kernels_fp16(
     assert len(seen) >= N_LINEARS and set(seen) == {torch.float16}  # checkpointing reruns forwards
 
 
-def _strip_evidence(model: nn.Module) -> None:
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
-        if attr in vars(model):
-            delattr(model, attr)
-    model.config.quantization_config = None
-
-
 @pytest.mark.parametrize("tier", ["hf_quantizer", "config_object", "config_dict", "attribute", "modules"])
 def test_gptq_is_detected_and_not_upcast_in_every_evidence_tier(gptq_model: nn.Module, tier: str) -> None:
     """C05 whole kind: whichever tier finds GPTQ, auto casts nothing on the real model."""
@@ -217,7 +207,7 @@ def test_gptq_is_detected_and_not_upcast_in_every_evidence_tier(gptq_model: nn.M
 
     model = gptq_model
     quantizer = model.hf_quantizer
-    _strip_evidence(model)
+    strip_quantization_evidence(model)
     if tier == "hf_quantizer":
         model.hf_quantizer = quantizer
     elif tier == "config_object":
@@ -299,7 +289,7 @@ def test_toy_gptq_layer_flagged_in_one_tier_is_not_upcast_and_trains(tier: str) 
 def test_toy_gptq_layer_gets_fp16_inputs_under_upcast_all() -> None:
     """C05(b) with upcast="all": the toy kernel would fail on fp32; its inputs are cast to fp16."""
     model = _toy_gptq_model("config_dict")
-    with pytest.warns(KbitPrepWarning, match="expect their own compute"):
+    with pytest.warns(MemoryWarning, match="expect their own compute"):
         report = prepare(model, upcast="all")
     assert len(report.casts) == N_PLAIN
     assert {m.computes for m in report.precision if "proj" in m.name} == {torch.float16}
@@ -323,12 +313,5 @@ def test_gptq_quantized_on_cuda_trains_one_step(model_root: str, tmp_path: Any) 
     before = storage_by_base_name(model, backend)
     p = prepare(model)
     assert p.backend == "gptq" and p.casts == ()
-    peft_model = add_lora(model)
-    peft_model.train()
-    ids = standard_batch().cuda()
-    out = peft_model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert grad_counts(grads) == (8, 8, 4)
-    assert torch.isfinite(out.loss)
+    lora_step_trains(model)
     assert storage_by_base_name(model, backend) == before

@@ -12,11 +12,12 @@ pytest.importorskip("hqq", reason="hqq is not installed (pip install hqq)")
 
 from hqq.core.quantize import HQQLinear  # noqa: E402
 
-from _lora import add_lora, grad_counts, standard_step  # noqa: E402
+from _lora import add_lora, grad_counts, lora_step_trains, standard_step  # noqa: E402
 from _measure import hook_count, kernel_inputs, storage_state  # noqa: E402
 from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, N_LINEARS, N_PLAIN, decoder_linears, standard_batch, tiny_llama  # noqa: E402
+from _plan_warnings import warning_of  # noqa: E402
 from _quantized import UPCAST_IDS, UPCASTS, hqq_tiny, prepare_quietly  # noqa: E402
-from kbitprep import KbitPrepWarning, detect_backend, get_backend, plan, prepare  # noqa: E402
+from kbitprep import BackendWarning, detect_backend, get_backend, plan, prepare  # noqa: E402
 from kbitprep.backends.hqq import HqqBackend  # noqa: E402
 from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
@@ -215,8 +216,9 @@ def test_hqq_layers_in_another_compute_dtype_are_reported_and_still_run() -> Non
     p = plan(model)
     assert p.casts == ()
     assert len(p.warnings) == 1
-    assert "torch.bfloat16" in p.warnings[0] and "14 with torch.float32" in p.warnings[0]
-    with pytest.warns(KbitPrepWarning, match="compute in another dtype"):
+    warning = warning_of(p, "backend", "compute in another dtype")
+    assert "torch.bfloat16" in warning and "14 with torch.float32" in warning
+    with pytest.warns(BackendWarning, match="compute in another dtype"):
         prepare(model)
     model.train()
     model.model.embed_tokens.weight.requires_grad_(True)
@@ -243,12 +245,5 @@ def test_hqq_on_cuda_trains_one_step() -> None:
     before = storage_state(model, backend)
     report = prepare(model)
     assert report.backend == "hqq" and report.casts == ()
-    peft_model = add_lora(model)
-    peft_model.train()
-    ids = standard_batch().cuda()
-    out = peft_model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert torch.isfinite(out.loss)
-    assert grad_counts(grads) == (8, 8, 4)
+    lora_step_trains(model)
     assert storage_state(model, backend) == before

@@ -7,34 +7,18 @@ dequantized load is C19 (tests/cases/test_dequantized_label.py). The real load r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from _models import checkpointing_on, transformers_major
+from _models import GPT_OSS, checkpointing_on, transformers_major
 from kbitprep import NotTrainableError, detect_backend, get_backend, plan, prepare
 
 pytestmark = pytest.mark.skipif(
     transformers_major() < 5,
     reason="the gpt-oss MXFP4 layers built here (Mxfp4GptOssMLP / Mxfp4GptOssExperts) are transformers 5's; "
     "transformers 4.57's mxfp4 integration has no Mxfp4GptOssMLP",
-)
-
-GPT_OSS: dict[str, Any] = dict(
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    max_position_embeddings=64,
-    layer_types=["sliding_attention", "full_attention"],
-    sliding_window=16,
 )
 
 

@@ -13,7 +13,9 @@ from torch import nn
 from _lora import add_lora, grad_counts, standard_step
 from _measure import storage_state
 from _models import N_LINEARS, N_PLAIN, from_pretrained, saved_tiny, standard_batch, tiny_llama
-from kbitprep import KbitPrepWarning, detect_backend, get_backend, plan, prepare
+from _plan_warnings import emitted_of, warning_of
+from _quantized import strip_quantization_evidence
+from kbitprep import KbitPrepWarning, MemoryWarning, detect_backend, get_backend, plan, prepare
 
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is not installed (pip install optimum-quanto==0.2.7)")
 
@@ -157,14 +159,7 @@ def test_unfrozen_quanto_layers_are_named_in_a_warning() -> None:
     assert detect_backend(model).backend == "quanto"
     p = plan(model)
     assert p.casts == ()
-    assert any(w.startswith("14 of 14 quanto layers") and "optimum.quanto.freeze" in w for w in p.warnings)
-
-
-def _strip(model: nn.Module) -> None:
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
-        if attr in vars(model):
-            delattr(model, attr)
-    model.config.quantization_config = None
+    assert warning_of(p, "backend", "optimum.quanto.freeze").startswith("14 of 14 quanto layers")
 
 
 @pytest.mark.parametrize("tier", ["config_object", "config_dict", "attribute", "modules"])
@@ -173,7 +168,7 @@ def test_quanto_is_detected_in_every_evidence_tier(model_root: str, tier: str) -
     from transformers import QuantoConfig
 
     model = _load(model_root, "int8", torch.bfloat16)
-    _strip(model)
+    strip_quantization_evidence(model)
     expected = {
         "config_object": "model.config.quantization_config.quant_method is 'quanto'",
         "config_dict": "model.config.quantization_config['quant_method'] is 'quanto'",
@@ -202,6 +197,6 @@ def test_quanto_upcast_all_casts_only_plain_parameters_and_feeds_layers_their_dt
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KbitPrepWarning)
         prepare(model, upcast="all")
-    assert any("expect their own compute" in str(w.message) for w in caught)
+    assert emitted_of(caught, MemoryWarning, "expect their own compute")
     assert {m.weight.dtype for m in _quanto_layers(model)} == {torch.bfloat16}
     _train_and_check(model, torch.bfloat16)  # a quanto layer fed fp32 raises a dtype error

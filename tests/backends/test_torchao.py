@@ -19,6 +19,7 @@ from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, quantize_  # 
 
 import kbitprep  # noqa: E402
 from _models import load, saved_tiny, tiny_llama, transformers_major  # noqa: E402
+from _plan_warnings import warnings_of  # noqa: E402
 from kbitprep.backends.torchao import TorchAoBackend  # noqa: E402
 from kbitprep.testing import BackendConformanceTests  # noqa: E402
 
@@ -86,7 +87,7 @@ def test_auto_upcasts_nothing_and_int8_weights_keep_their_type(model_root: str) 
     # reads every AOBaseConfig as untrainable: the one true warning there is that Trainer refuses it
     expected = [] if transformers_major() >= 5 else ["backend"]
     assert [w.kind for w in p.warnings] == expected
-    assert all("transformers marks this torchao config non-trainable" in w for w in p.warnings)
+    assert warnings_of(p, "backend", "transformers marks this torchao config non-trainable") == list(p.warnings)
 
     kbitprep.prepare(model, upcast="auto")
     assert {n: q.dtype for n, q in model.named_parameters()} == dtypes

@@ -21,6 +21,7 @@ from torch import nn
 
 import kbitprep
 from _lora import add_lora, grad_counts, standard_step
+from _matrix import ARCHS as MATRIX
 from _matrix import _ids
 from _matrix import _llava_batch as _batch_llava
 from _matrix import _lm_batch as _batch_lm
@@ -28,20 +29,11 @@ from _matrix import _t5_batch as _batch_t5
 from _matrix import _whisper_batch as _batch_whisper
 from _measure import plan_compute_dtype
 from _models import load, saved_tiny
+from _plan_warnings import warning_of
 from _quantized import bnb4_config
 from kbitprep.steps.cast_at_use import spec_of
 
 pytest.importorskip("bitsandbytes")
-
-T5 = dict(
-    vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-    decoder_start_token_id=0, pad_token_id=0,
-)  # fmt: skip
-WHISPER = dict(
-    vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
-    max_source_positions=64, max_target_positions=64, decoder_start_token_id=0, pad_token_id=0,
-)  # fmt: skip
 
 
 def _saved(root: str, name: str, build: Callable[[], nn.Module]) -> str:
@@ -60,43 +52,21 @@ def _load(path: str, cls: Any, compute: torch.dtype) -> nn.Module:
 
 
 def t5(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
-    path = _saved(root, "t5", lambda: T5ForConditionalGeneration(T5Config(**T5)))  # type: ignore[arg-type]
-    return _load(path, T5ForConditionalGeneration, compute)
+    return _load(_saved(root, "t5", MATRIX["t5"].build), T5ForConditionalGeneration, compute)
 
 
 def whisper(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
-    path = _saved(root, "whisper", lambda: WhisperForConditionalGeneration(WhisperConfig(**WHISPER)))  # type: ignore[arg-type]
-    return _load(path, WhisperForConditionalGeneration, compute)
+    return _load(_saved(root, "whisper", MATRIX["whisper"].build), WhisperForConditionalGeneration, compute)
 
 
 def llava(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from _models import TINY
-
-    def build() -> nn.Module:
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        )
-        cfg = LlavaConfig(
-            vision_config=vision,
-            text_config=LlamaConfig(**TINY),  # type: ignore[arg-type]
-            image_token_index=999,
-            image_seq_length=16,
-            vision_feature_layer=-1,
-        )
-        return LlavaForConditionalGeneration(cfg)
-
-    return _load(_saved(root, "llava", build), LlavaForConditionalGeneration, compute)
+    return _load(_saved(root, "llava", MATRIX["llava"].build), LlavaForConditionalGeneration, compute)
 
 
 def llama(root: str, compute: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -190,7 +160,7 @@ def test_whisper_default_plan_names_the_entry_module_and_dtype(model_root: str) 
     p = kbitprep.plan(model)
     entry = {i.name: i for i in p.model_inputs}["input_features"]
     assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", torch.float32, False)
-    assert any("'input_features' must now be torch.float32" in w and "model.encoder.conv1" in w for w in p.warnings)
+    assert "model.encoder.conv1" in warning_of(p, "precision", "'input_features' must now be torch.float32")
     assert p.precision == ()
     _prepare(model)
     peft_model = _lora(model, ["q_proj", "v_proj"])
@@ -211,7 +181,7 @@ def test_whisper_features_under_a_keep_policy_need_what_they_need_without_it(mod
     report = _prepare(model, **keep)
     entry = {i.name: i for i in report.model_inputs}["input_features"]
     assert (entry.module, entry.dtype, entry.cast) == ("model.encoder.conv1", torch.float32, False)
-    assert any("'input_features' must now be torch.float32" in w for w in report.warnings)
+    warning_of(report, "precision", "'input_features' must now be torch.float32")
     peft_model = _lora(model, ["q_proj", "v_proj"])
     peft_model.train()
     out = peft_model(**_batch_whisper(torch.float32))

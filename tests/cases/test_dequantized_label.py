@@ -21,22 +21,7 @@ from torch import nn
 
 import kbitprep
 from _lora import add_lora, standard_step
-from _models import tiny_llama, transformers_major
-
-GPT_OSS = dict(
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    max_position_embeddings=64,
-    layer_types=["sliding_attention", "full_attention"],
-    sliding_window=16,
-)
+from _models import GPT_OSS, tiny_llama, transformers_major
 
 
 def _load(path: Path, **kw: Any) -> nn.Module:
@@ -99,7 +84,7 @@ def test_label_without_storage_is_unquantized_and_trains(kind: str, tmp_path: Pa
     assert detection.backend == "none"
     if kind in LABEL:
         assert LABEL[kind] in detection.reason and "dequantized" in detection.reason
-    with pytest.warns(kbitprep.KbitPrepWarning, match="not quantized"):
+    with pytest.warns(kbitprep.CheckpointingWarning, match="not quantized"):
         report = kbitprep.prepare(model, upcast="none")
     assert report.backend == "none"
     lora = add_lora(model, r=4)
@@ -118,7 +103,7 @@ def test_mark_trainable_lets_trainer_accept_dequantized_mxfp4(tmp_path: Path) ->
     from transformers.trainer_utils import validate_quantization_for_training
 
     model = mxfp4_dequantized(tmp_path)
-    with pytest.warns(kbitprep.KbitPrepWarning, match="not quantized"):
+    with pytest.warns(kbitprep.CheckpointingWarning, match="not quantized"):
         kbitprep.prepare(model, upcast="none")
     lora = add_lora(model, r=4)
     with pytest.raises(ValueError):

@@ -10,8 +10,10 @@ from torch import nn
 
 import kbitprep
 from _lora import add_lora, grad_counts, standard_step
+from _matrix import ARCHS as MATRIX
 from _measure import hook_count
-from _models import ENABLE_ADDS_INPUT_GRAD_HOOK, TINY
+from _models import ENABLE_ADDS_INPUT_GRAD_HOOK
+from _plan_warnings import warning_of
 from _quantized import CPU_KINDS, bnb4, plain
 
 REENTRANT = {"use_reentrant": True}
@@ -39,24 +41,8 @@ def _input_grad_hooks(module: nn.Module) -> int:
 
 
 def tiny_llava() -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=LlamaConfig(**TINY),  # type: ignore[arg-type]
-        image_token_index=999,
-        image_seq_length=16,
-        vision_feature_layer=-1,
-    )
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg)
+    model = MATRIX["llava"].build()  # the matrix's Llava: CLIP tower + the tiny Llama, image token 999
     # PEFT's and TRL's tests mock a quantized model with this flag; kbitprep judges from the
     # storage (none here), so the tests force the bitsandbytes policy to get checkpointing on
     model.is_loaded_in_4bit = True  # type: ignore[assignment]
@@ -200,7 +186,7 @@ def test_entry_module_lookup_never_crashes_or_silently_gives_up(how: str, model_
         _break_input_embeddings(model, "raises")
         p = kbitprep.plan(model, gradient_checkpointing_kwargs=REENTRANT)
         assert p.input_grad_hook is False
-        assert any("no gradient" in w for w in p.warnings), p.warnings
+        warning_of(p, "checkpointing", "no gradient")
         return
     _break_input_embeddings(model, how)
     _prepare(model, gradient_checkpointing_kwargs=REENTRANT)
@@ -222,8 +208,8 @@ def test_unquantized_model_leaves_checkpointing_off_and_adapters_train(model_roo
         report = kbitprep.prepare(model)
     assert report.frozen == 21
     assert report.gradient_checkpointing is False
-    note = [w for w in report.warnings if "not quantized" in w and "checkpointing" in w.lower()]
-    assert note and "gradient_checkpointing_enable" in note[0]
+    note = warning_of(report, "checkpointing", "not quantized")
+    assert "gradient_checkpointing_enable" in note
     loss, grads = standard_step(add_lora(model))
     assert grad_counts(grads) == (8, 8, 4)
 
@@ -270,11 +256,11 @@ def test_adapters_get_gradients_whatever_the_call_order(kind: str, order: str, m
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)
     report = _prepare(model)
     if kind == "generic":
-        assert any("'vptq'" in w for w in report.warnings)
+        warning_of(report, "backend", "'vptq'")
     target = add_lora(model)
     if order == "prepare-lora-then-reentrant":
         if report.gradient_checkpointing:  # a later, different request is applied with a warning
-            with pytest.warns(kbitprep.KbitPrepWarning, match="already on"):
+            with pytest.warns(kbitprep.CheckpointingWarning, match="already on"):
                 target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)  # type: ignore[operator]
         else:
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)  # type: ignore[operator]

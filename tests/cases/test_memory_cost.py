@@ -12,6 +12,7 @@ import kbitprep
 from _lora import add_lora, grad_counts, standard_step
 from _measure import param_bytes, plan_dtype
 from _models import NORM_NAMES, load, saved_tiny, standard_batch
+from _plan_warnings import emitted_of, has_warning, warnings_of
 from _quantized import CPU_KINDS, need
 
 KEEP_EMBED_AND_HEAD = ("model.embed_tokens", "lm_head")
@@ -53,8 +54,8 @@ def test_unquantized_prepare_warns_with_the_bytes_it_adds_and_undo_is_bit_exact(
 
     assert param_bytes(model) == 840_960
     assert report.bytes_delta == 420_480 == param_bytes(model) - 420_480
-    assert _byte_warnings(report.warnings, 420_480), report.warnings
-    assert _byte_warnings([w.message for w in record], 420_480)
+    assert _byte_warnings(warnings_of(report, "memory"), 420_480), report.warnings
+    assert _byte_warnings(emitted_of(record, kbitprep.MemoryWarning), 420_480)
 
     report.undo()
     assert len(copies) == 21
@@ -72,8 +73,9 @@ def test_unquantized_upcast_none_costs_nothing(model_root: str) -> None:
         report = kbitprep.prepare(model, upcast="none")
     assert report.casts == () and report.bytes_delta == 0
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert not _byte_warnings(report.warnings, 420_480)
+    assert not _byte_warnings(report.warnings, 420_480) and not has_warning(report, "memory")
     assert not any("bytes" in str(w.message) for w in record)
+    assert [w.category for w in record] == [kbitprep.CheckpointingWarning], [str(w.message) for w in record]
 
 
 def test_4bit_embeddings_and_lm_head_dominate_the_upcast_cost(model_root: str) -> None:
