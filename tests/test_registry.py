@@ -24,6 +24,7 @@ from torch import nn
 import kbitprep
 from _lora import add_lora
 from _models import load, saved_tiny, tiny_llama, transformers_major
+from _plan_warnings import warning_of
 from _quantized import bnb4_config
 from kbitprep import (
     BackendUnavailableError,
@@ -82,7 +83,7 @@ def test_good_plugin_outranks_the_generic_fallback_on_its_own_quant_method() -> 
     assert "goodquant" in detection.reason
     p = kbitprep.plan(model)
     assert p.backend == "goodquant"
-    assert not any("generic" in w for w in p.warnings)
+    assert not any("generic" in w for w in p.warnings)  # of any kind
 
 
 def test_broken_plugin_shows_broken_and_bnb_still_prepares(model_root: str) -> None:
@@ -429,11 +430,11 @@ def test_priority_decides_between_two_claims_and_plan_names_the_loser(clean_regi
     assert detection.reason == "rt_high sees model.test_marker"
     p = kbitprep.plan(model)
     assert p.backend == "rt_high"
-    assert any("rt_low" in w for w in p.warnings), p.warnings
+    assert warning_of(p, "detection", "rt_low")
     # the other order of registration gives the same answer
     kbitprep.register_backend(_marker_backend("rt_low", priority=9), replace=True)
     assert kbitprep.detect_backend(model).backend == "rt_low"
-    assert any("rt_high" in w for w in kbitprep.plan(model).warnings)
+    assert warning_of(kbitprep.plan(model), "detection", "rt_high")
 
 
 def test_get_backend_unknown_name_lists_known_names() -> None:

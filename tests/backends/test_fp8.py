@@ -21,6 +21,7 @@ import kbitprep
 from _lora import add_lora, standard_step
 from _measure import storage_state
 from _models import decoder_linears, tiny_llama
+from _plan_warnings import emitted_of
 
 pytest.importorskip("transformers.integrations.finegrained_fp8")
 
@@ -203,9 +204,9 @@ def test_lora_trains_and_fp8_storage_is_bit_identical(upcast: str) -> None:
     before = _fp8_storage(model)
     assert len(before) == 28
     if upcast == "all":
-        with pytest.warns(kbitprep.KbitPrepWarning) as seen:
+        with pytest.warns(kbitprep.MemoryWarning) as seen:
             report = kbitprep.prepare(model, upcast=upcast)
-        assert any("upcast='all' on a fp8 model" in str(w.message) for w in seen)
+        assert emitted_of(seen, kbitprep.MemoryWarning, "upcast='all' on a fp8 model")
     else:
         report = kbitprep.prepare(model, upcast=upcast)
     assert _fp8_storage(model) == before  # prepare casts no float8 and no scale
