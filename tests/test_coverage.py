@@ -76,7 +76,9 @@ def test_every_row_names_the_strategy_that_claims_its_method() -> None:
             assert row.method in cls.method_facts, (row.method, row.strategy)
         else:
             assert row.method in cls.quant_methods, (row.method, row.strategy)
-    assert {row.method: row.strategy for row in rows}["gguf"] == "none"
+    by_method = {row.method: row.strategy for row in rows}
+    if "gguf" in by_method:  # transformers 5 lists gguf (dequantized while loading); 4.57 does not
+        assert by_method["gguf"] == "none"
 
 
 def test_declarations_belong_to_the_strategy_that_covers_the_method() -> None:
